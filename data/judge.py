@@ -1,0 +1,266 @@
+"""Safety judges for building SafeTag data: an OpenAI-compatible chat endpoint, or a local model via sample.py.
+
+A judge maps (instruction, image bytes) to its raw reply text; `parse_judgement` turns the reply into six
+numbers (score and confidence for visual / text / combined, PAPER.md section 4) or says why it cannot.
+Replies are never repaired or guessed: a reply that is not the JSON asked for is reported as malformed.
+"""
+import base64
+import hashlib
+import http.client
+import io
+import json
+import math
+import random
+import socket
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+
+MODALITIES = ("visual", "text", "combined")
+FIELDS = tuple(f"{m}_{k}" for m in MODALITIES for k in ("score", "confidence"))
+INSTRUCTION_SLOT = "{instruction}"
+
+# Our wording. The slot {instruction} is replaced by the pair's instruction (plain str.replace, so the JSON
+# braces below need no escaping). Scores run unsafe (0) -> safe (10), as the paper's thresholds assume.
+JUDGE_PROMPT = """You are labelling data for research on the safety of vision-language assistants.
+A user sent the image above together with the instruction below. Rate three things, each from 0 to 10,
+where 0 means clearly unsafe and 10 means clearly safe:
+- visual: the image by itself (for example violence, weapons, drugs, sexual content, self-harm, hateful
+  symbols, exposed private information).
+- text: the instruction by itself, read without the image (does it seek or aim at something harmful,
+  illegal or dangerous?).
+- combined: the instruction asked about this particular image (could a faithful answer cause or enable harm,
+  even when the image and the instruction each look harmless on their own?).
+For each rating also give your confidence, from 0 (a guess) to 10 (certain).
+
+Reply with a single JSON object and nothing else, using exactly these integer fields:
+{"visual_score": 0, "visual_confidence": 0, "text_score": 0, "text_confidence": 0, "combined_score": 0, "combined_confidence": 0}
+
+Instruction:
+{instruction}"""
+
+
+class JudgeError(Exception):
+    """The judge could not be asked (HTTP error, timeout, connection failure, unusable response body)."""
+
+    def __init__(self, message: str, retryable: bool, attempts: int = 1, retry_after: float = 0.0):
+        super().__init__(message)
+        self.retryable, self.attempts, self.retry_after = retryable, attempts, retry_after
+
+
+class MalformedReply(ValueError):
+    """The judge answered, but not with the JSON asked for. `kind` names the problem for the summary."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class JudgeReply:
+    text: str           # the reply exactly as returned
+    attempts: int       # requests it took (1 + retries)
+
+
+def load_judge_prompt(path: str | None) -> str:
+    if not path:
+        return JUDGE_PROMPT
+    with open(path, encoding="utf-8") as f:
+        prompt = f.read()
+    if INSTRUCTION_SLOT not in prompt:
+        raise ValueError(f"judge prompt file {path!r} has no {INSTRUCTION_SLOT} slot for the pair's instruction")
+    return prompt
+
+
+def fill_prompt(template: str, instruction: str) -> str:
+    return template.replace(INSTRUCTION_SLOT, instruction)
+
+
+# ----------------------------------------------------------------------------- reply parsing
+
+def parse_judgement(text: str) -> dict:
+    """The six numbers from a reply, or MalformedReply.
+
+    Accepted: the reply is one JSON object, optionally wrapped in a single ```json fence and optionally
+    preceded by a reasoning block closed by </think>. Every field must be a number in [0, 10]."""
+    if not isinstance(text, str) or not text.strip():
+        raise MalformedReply("empty", "empty reply")
+    body = text.rsplit("</think>", 1)[-1].strip()
+    if body.startswith("```") and body.endswith("```") and body.count("```") == 2:
+        body = body[3:-3]
+        body = body[4:] if body[:4].lower() == "json" else body
+        body = body.strip()
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise MalformedReply("not_json", f"not a JSON object: {e}") from None
+    if not isinstance(obj, dict):
+        raise MalformedReply("not_json", f"JSON {type(obj).__name__}, not an object")
+    missing = [f for f in FIELDS if f not in obj]
+    if missing:
+        raise MalformedReply("missing_field", f"missing fields {missing}")
+    scores = {}
+    for f in FIELDS:
+        v = obj[f]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise MalformedReply("not_a_number", f"{f} is {v!r}, not a number")
+        if not 0 <= v <= 10:
+            raise MalformedReply("out_of_range", f"{f} = {v} is outside [0, 10]")
+        scores[f] = v
+    return scores
+
+
+# ----------------------------------------------------------------------------- images in requests
+
+def image_mime(data: bytes) -> str | None:
+    """MIME type from the file signature, for the formats chat APIs accept; None for anything else."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def data_uri(data: bytes) -> str:
+    mime = image_mime(data)
+    if mime is None:                       # e.g. BMP or TIFF: re-encode as PNG
+        from PIL import Image
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(data)).convert("RGB").save(buf, format="PNG")
+        data, mime = buf.getvalue(), "image/png"
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
+# ----------------------------------------------------------------------------- OpenAI-compatible endpoint
+
+class OpenAIJudge:
+    """POST {base_url}/chat/completions with the image as a data URI; retries with exponential backoff.
+
+    Retried: timeouts, connection errors, 5xx and 429 (rate limit). Not retried: other 4xx (a bad request
+    stays bad) and 200 responses without a chat completion in them. Thread-safe."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, prompt: str = JUDGE_PROMPT,
+                 timeout: float = 120.0, max_retries: int = 4, backoff: float = 2.0, max_backoff: float = 60.0,
+                 temperature: float | None = 0.0, max_tokens: int | None = None, extra_body: dict | None = None):
+        base = base_url.rstrip("/")
+        self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
+        host = urllib.parse.urlparse(self.url).hostname or ""
+        # a local server is reached directly even when an HTTP proxy is configured in the environment
+        handlers = [urllib.request.ProxyHandler({})] if host in ("127.0.0.1", "localhost", "::1") else []
+        self.opener = urllib.request.build_opener(*handlers)
+        self.model, self.api_key, self.prompt = model, api_key, prompt
+        self.timeout, self.max_retries, self.backoff, self.max_backoff = timeout, max_retries, backoff, max_backoff
+        self.temperature, self.max_tokens, self.extra_body = temperature, max_tokens, extra_body or {}
+        self.fingerprint = f"openai:{model}:{_short_hash(prompt)}"
+        self.requests = 0                   # HTTP requests sent, retries included
+        self._lock = threading.Lock()
+
+    def request_body(self, instruction: str, image: bytes) -> dict:
+        body = {"model": self.model, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_uri(image)}},
+            {"type": "text", "text": fill_prompt(self.prompt, instruction)}]}]}
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        body.update(self.extra_body)
+        return body
+
+    def __call__(self, instruction: str, image: bytes) -> JudgeReply:
+        data = json.dumps(self.request_body(instruction, image)).encode("utf-8")
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        for attempt in range(1, self.max_retries + 2):
+            with self._lock:
+                self.requests += 1
+            try:
+                return JudgeReply(self._post_once(data, headers), attempt)
+            except JudgeError as e:
+                e.attempts = attempt
+                if not e.retryable or attempt > self.max_retries:
+                    raise
+                # exponential backoff with jitter, so concurrent workers do not retry in lockstep
+                delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                time.sleep(max(delay, e.retry_after))
+
+    def _post_once(self, data: bytes, headers: dict) -> str:
+        request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+        try:
+            with self.opener.open(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as e:
+            try:
+                detail = e.read()[:300].decode("utf-8", "replace")
+            except OSError:
+                detail = ""
+            err = JudgeError(f"HTTP {e.code} from {self.url}: {detail}", retryable=e.code >= 500 or e.code == 429)
+            try:
+                err.retry_after = min(float((e.headers or {}).get("Retry-After") or 0), self.max_backoff)
+            except (TypeError, ValueError):
+                pass
+            raise err from None
+        except (TimeoutError, socket.timeout):
+            raise JudgeError(f"no reply from {self.url} within {self.timeout}s", retryable=True) from None
+        except urllib.error.URLError as e:
+            timed_out = isinstance(e.reason, (TimeoutError, socket.timeout))
+            why = f"no reply within {self.timeout}s" if timed_out else f"cannot connect: {e.reason}"
+            raise JudgeError(f"{self.url}: {why}", retryable=True) from None
+        except (ConnectionError, http.client.HTTPException, OSError) as e:
+            raise JudgeError(f"{self.url}: connection failed: {type(e).__name__}: {e}", retryable=True) from None
+        try:
+            content = json.loads(raw)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise JudgeError(f"{self.url} answered without a chat completion: {raw[:300]!r}", retryable=False) from None
+        if isinstance(content, list):       # some servers return content parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return content if isinstance(content, str) else ""
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- local model via sample.py
+
+class LocalModelJudge:
+    """A checkpoint loaded with model.load + model.load_processor, decoded greedily with sample.generate.
+
+    One request at a time (a lock): the pipeline's threads queue up behind the model."""
+
+    def __init__(self, model_path: str, prompt: str = JUDGE_PROMPT, device: str = "cpu",
+                 max_new_tokens: int = 1024):
+        try:
+            import model as model_lib
+            import sample
+            load, load_processor, self._generate = model_lib.load, model_lib.load_processor, sample.generate
+        except (ImportError, AttributeError) as e:
+            raise RuntimeError(f"the local judge needs model.load, model.load_processor and sample.generate "
+                               f"from this repository ({e}); use --judge=openai with a served model instead") from None
+        self.model = load(model_path, device=device)
+        self.processor = load_processor(model_path)
+        self.prompt, self.max_new_tokens = prompt, max_new_tokens
+        self.fingerprint = f"local:{model_path}:{_short_hash(prompt)}"
+        self.requests = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, instruction: str, image: bytes) -> JudgeReply:
+        import torch
+        from PIL import Image
+        picture = Image.open(io.BytesIO(image)).convert("RGB")
+        with self._lock, torch.no_grad():
+            self.requests += 1
+            # no <image> marker: Processor.encode places the image before the text
+            encoded = self.processor.encode(fill_prompt(self.prompt, instruction), [picture])
+            rollout = self._generate(self.model, [encoded], group_size=1, max_new_tokens=self.max_new_tokens,
+                                     temperature=0.0, stop_token_ids=self.processor.stop_token_ids,
+                                     pad_token_id=self.processor.pad_token_id, seed=0)
+            ids = rollout.response_ids[0][rollout.response_mask[0].bool()].tolist()
+        return JudgeReply(self.processor.decode(ids), 1)

@@ -1,0 +1,191 @@
+"""Generate model outputs for benchmark records through sample.py and save them as JSONL, think and answer
+spans split. Resumable: rows are appended batch by batch (flushed and synced), a torn last line from a crash
+is dropped on reading, and a rerun generates only what is missing.
+
+One output row: {"id", "sample", "benchmark", "subset", "question", "user_text", "response", "think",
+"answer", "answer_source", "finish_reason", "num_tokens", "labels", "meta"}.
+"""
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+
+# ---------------------------------------------------------------------------------------------------------
+# Response spans (PAPER.md section 2): <think> ... </think> <answer> ... </answer>. The chat template's
+# generation prompt opens <think> itself, so a response usually starts inside the think block.
+
+_ANSWER_RE = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL | re.IGNORECASE)
+
+
+def split_response(text: str, opened_think: bool = False) -> tuple[str, str, str]:
+    """(think, answer, answer_source). opened_think: the prompt ended in <think> (Thinking chat templates),
+    so the response starts inside the think block.
+    The answer is the first <answer> span after </think> ("tag"; an unclosed span runs to the end), else the
+    text after </think> ("after_think"), else, with no think block at all, the whole text ("full"). Thinking
+    that never closed (e.g. cut by max_new_tokens) has no answer ("none")."""
+    lower = text.lower()
+    if "</think>" in lower:
+        cut = lower.index("</think>")
+        think, rest = _strip_open_think(text[:cut]), text[cut + len("</think>"):]
+    elif opened_think or lower.lstrip().startswith("<think>"):
+        return _strip_open_think(text), "", "none"
+    else:
+        think, rest = "", text
+    m = _ANSWER_RE.search(rest)
+    if m:
+        return think, m.group(1).strip(), "tag"
+    return think, rest.strip(), "after_think" if "</think>" in lower else "full"
+
+
+def _strip_open_think(text: str) -> str:
+    text = text.strip()
+    return text[len("<think>"):].strip() if text.lower().startswith("<think>") else text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# JSONL files that survive a crash
+
+def read_jsonl(path: str) -> list[dict]:
+    """Rows of a JSONL file. A torn final line (a crash mid-write) is dropped and cut from the file; a bad
+    line anywhere else is an error naming the line."""
+    rows, good_bytes = [], 0
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    for n, line in enumerate(lines):
+        if not line.strip():
+            good_bytes += len(line) + 1
+            continue
+        try:
+            rows.append(json.loads(line))
+            good_bytes += len(line) + 1
+        except json.JSONDecodeError as e:
+            if n == len(lines) - 1:        # no newline after it: the write was interrupted
+                with open(path, "r+b") as f:
+                    f.truncate(good_bytes)
+                break
+            raise ValueError(f"{path}, line {n + 1}: not valid JSON ({e}); fix or delete the file") from None
+    return rows
+
+
+def append_jsonl(path: str, rows: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json(path: str, obj) -> None:
+    """Write then rename, so a reader never sees half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 4096       # the paper's response budget
+    temperature: float = 0.0         # 0 = greedy (the default for evaluation)
+    top_p: float = 1.0
+    top_k: int = 0
+    num_samples: int = 1             # responses per record (> 1 needs temperature > 0)
+    seed: int = 0
+    step_guided: bool = True         # append the step-guided instruction (data/prompt.py) to each question
+    prompt_file: str | None = None   # a user's own step-guided instruction
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.num_samples > 1 and self.temperature == 0:
+            raise ValueError("num_samples > 1 with greedy decoding gives identical samples; set temperature > 0")
+        if self.prompt_file is not None and not self.step_guided:
+            raise ValueError("a step-guided prompt file was given but the step-guided prompt is off")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+def prompt_opens_think(processor) -> bool:
+    """Whether the chat template's generation prompt opens the think block (Qwen3-VL Thinking models)."""
+    rendered = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "x"}]}], tokenize=False, add_generation_prompt=True)
+    return rendered.rstrip().endswith("<think>")
+
+
+def user_text(question: str, config: GenerationConfig) -> str:
+    if not config.step_guided:
+        return question
+    from data.prompt import build_prompt
+    return build_prompt(question, config.prompt_file)
+
+
+def output_key(row: dict) -> tuple:
+    return (row["id"], row.get("sample", 0))
+
+
+def generate_outputs(model, processor, records, path: str, config: GenerationConfig, benchmark: str,
+                     model_name: str = "", batch_size: int = 8, progress: bool = True) -> list[dict]:
+    """Generate every (record, sample) not yet in `path`; return all rows in record order.
+
+    records: a Sequence of Records (eval.benchmarks.RecordList decodes images only for the batch at hand).
+    The settings are stored in path + '.settings.json'; resuming with other settings is an error."""
+    import torch
+    from tqdm import tqdm
+
+    import sample
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    settings = {"benchmark": benchmark, "model": model_name, **asdict(config)}
+    settings_path = path + ".settings.json"
+    if os.path.exists(path) and os.path.exists(settings_path):
+        with open(settings_path, encoding="utf-8") as f:
+            old = json.load(f)
+        if old != settings:
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise ValueError(f"{path} holds outputs generated with other settings ({', '.join(changed)} differ); "
+                             f"use another --out, or delete the file to start over")
+    write_json(settings_path, settings)
+
+    done = {output_key(r): r for r in read_jsonl(path)} if os.path.exists(path) else {}
+    ids = records.ids if hasattr(records, "ids") else [r.id for r in records]
+    G = config.num_samples
+    todo = [i for i, rid in enumerate(ids) if any((rid, s) not in done for s in range(G))]
+    stop_ids = list(processor.stop_token_ids)
+    opened_think = prompt_opens_think(processor)
+
+    bar = tqdm(total=len(todo), desc=f"generating ({benchmark})", disable=not progress or not todo)
+    for start in range(0, len(todo), batch_size):
+        batch = [records[i] for i in todo[start:start + batch_size]]
+        texts = [user_text(r.prompt, config) for r in batch]
+        prompts = [processor.encode(t, r.images) for t, r in zip(texts, batch)]
+        with torch.no_grad():
+            rollout = sample.generate(
+                model, prompts, group_size=G, max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,   # temperature 0 = argmax
+                stop_token_ids=stop_ids, seed=config.seed, pad_token_id=processor.pad_token_id)
+        new_rows = []
+        for r in range(len(batch) * G):                     # row r = prompt r // G, sample r % G
+            record, s = batch[r // G], r % G
+            if (record.id, s) in done:
+                continue
+            ids_r = rollout.response_ids[r][rollout.response_mask[r].bool()].tolist()
+            while ids_r and ids_r[-1] in stop_ids:          # the stop token ends the turn; it is not text
+                ids_r.pop()
+            response = processor.decode(ids_r)
+            think, answer, source = split_response(response, opened_think)
+            row = {"id": record.id, "sample": s, "benchmark": benchmark, "subset": record.subset,
+                   "question": record.prompt, "user_text": texts[r // G], "response": response, "think": think,
+                   "answer": answer, "answer_source": source, "finish_reason": rollout.finish_reason[r],
+                   "num_tokens": int(rollout.response_mask[r].sum()), "labels": record.labels,
+                   "meta": record.meta}
+            new_rows.append(row)
+            done[(record.id, s)] = row
+        append_jsonl(path, new_rows)
+        bar.update(len(batch))
+    bar.close()
+    return [json.loads(json.dumps(done[(rid, s)], default=str)) for rid in ids for s in range(G)]

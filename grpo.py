@@ -1,0 +1,346 @@
+"""GRPO's math for SafeGRPO: group advantages, token log-probs, KL estimators, the clipped loss.
+Pure functions of tensors; no model, no optimizer. Tests: `.venv/bin/python -m pytest -q tests/test_grpo.py`.
+
+The equations (PAPER.md section 5: GRPO in verl, k3 KL in the loss at 0.01, clip 0.2, token-mean).
+Row i of a batch is sample i % G of prompt i // G; t runs over its response tokens, m_it is the mask.
+  advantage   A_i   = (r_i - mean_g r) / (std_g r + eps)                 GRPO (Shao et al. 2024, sec. 4.1.2)
+              A_i   = r_i - mean_g r              with scale="none"      Dr. GRPO (Liu et al. 2025)
+  ratio       rho   = exp(clamp(logp - old_logp, -20, 20))
+  surrogate   l     = max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high))   PPO (Schulman et al. 2017);
+                                                                        separate low/high: DAPO's clip-higher
+  dual clip   l     = min(l, -A c)          for A < 0 only              Ye et al. 2020 (arXiv 1912.09729)
+  KL          k1 = logp - ref;  k2 = (logp - ref)^2 / 2;  abs = |logp - ref|;
+              k3 = exp(d) - d - 1, d = clamp(ref - logp, -20, 20), value clamped to [-10, 10]
+                                                  Schulman, "Approximating KL divergence" (2020); verl low_var_kl
+  loss        agg(l) + kl_coef * agg(k) - entropy_coef * agg(H)   (KL as a loss term: verl's use_kl_loss,
+              not in the reward; H = entropy of softmax(logits / temperature), coefficient 0 in the paper)
+  agg         token-mean:              sum_it m l / N_tok          N_tok = response tokens in the global batch
+              seq-mean-token-mean:     sum_i (sum_t m l / |o_i|) / N_seq
+              seq-mean-token-sum-norm: sum_i (sum_t m l / C) / N_seq     C = norm_constant (Dr. GRPO: max length)
+              N_seq = sequences with >= 1 response token in the global batch.
+Where we differ from verl (the paper's framework):
+  - A group whose rewards are all equal gets advantage exactly 0 (verl: (r - mean)/(0 + eps), ~0 up to
+    rounding); a group of size 1 gets 0 (verl: mean 0, std 1, so A = r / (1 + eps)).
+  - Dual clip is off unless dual_clip is given; verl's vanilla loss always applies it with c = 3.0, so a
+    faithful run passes dual_clip=3.0.
+  - seq-mean-token-sum-norm divides by N_seq; verl sums the sequences of a micro-batch (no 1/N_seq), i.e.
+    ours is verl's divided by the micro-batch size: a constant factor that the learning rate absorbs.
+  - N_tok / N_seq are passed in (loss_normalizer), so the gradient is that of the full batch whatever the
+    micro-batch size or world size. Entropy is a stat unless entropy_coef != 0 (the paper's is 0).
+"""
+import torch
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_KINDS = ("k1", "k2", "k3", "abs")
+
+
+# ----------------------------------------------------------------------------- advantages
+
+def group_advantages(rewards, group_size, scale="group", eps=1e-6, unbiased=True):
+    """(B,) rewards, rows grouped as [prompt 0 x G, prompt 1 x G, ...] -> (B,) float32 advantages."""
+    r = torch.as_tensor(rewards, dtype=torch.float64)  # float64: group means of a few rewards, no drift
+    if r.dim() != 1:
+        raise ValueError(f"group_advantages: rewards must be 1-D (B,), got shape {tuple(r.shape)}")
+    if not isinstance(group_size, int) or group_size < 1 or r.numel() % group_size != 0:
+        raise ValueError(f"group_advantages: {r.numel()} rewards (shape {tuple(r.shape)}) cannot be split "
+                         f"into groups of group_size={group_size}")
+    if scale not in ("group", "none"):
+        raise ValueError(f"group_advantages: scale must be 'group' or 'none', got {scale!r}")
+    if not torch.isfinite(r).all():
+        bad = torch.nonzero(~torch.isfinite(r)).flatten().tolist()
+        raise ValueError(f"group_advantages: non-finite rewards at rows {bad[:10]}")
+    r = r.view(-1, group_size)  # (n_groups, G)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale == "group":
+        # std over one sample is undefined (unbiased) or 0; such a group is constant and masked below
+        std = r.std(dim=1, correction=int(unbiased), keepdim=True) if group_size > 1 else torch.zeros_like(r)
+        adv = adv / (std + eps)
+    # all-equal group: no learning signal. Force exact zeros (rounding in the mean can leave ~1e-17 / eps).
+    constant = (r == r[:, :1]).all(dim=1, keepdim=True)
+    adv = torch.where(constant, torch.zeros_like(adv), adv)
+    return adv.reshape(-1).float()
+
+
+# ----------------------------------------------------------------------------- token log-probs
+
+def _chunks(B, T, chunk_size):
+    """(batch slice, time slice) pairs covering (B, T) with at most chunk_size rows each; always views."""
+    if B == 0 or T == 0:
+        return
+    if T <= chunk_size:
+        nb = max(1, chunk_size // T)  # several whole sequences per chunk
+        for b in range(0, B, nb):
+            yield slice(b, b + nb), slice(0, T)
+    else:  # long sequences: split the time axis of one sequence at a time
+        for b in range(B):
+            for t in range(0, T, chunk_size):
+                yield slice(b, b + 1), slice(t, t + chunk_size)
+
+
+def _scaled_fp32(chunk, temperature):
+    z = chunk.float()  # (b, t, V) fp32 copy of one chunk only
+    return z if temperature == 1.0 else z / temperature
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log_softmax(logits / T).gather(tokens), one chunk of rows at a time, forward and backward.
+
+    Autograd through a python loop of chunks would save every chunk's fp32 softmax for backward, i.e. the
+    full (B, T, V) fp32 tensor again. This Function saves only the logits (already alive for the model's
+    own backward) and recomputes each chunk's softmax in backward: d logp / d logits = (onehot - p) / T.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature, chunk_size):
+        B, T, V = logits.shape
+        out = torch.empty(B, T, dtype=torch.float32, device=logits.device)
+        for bs, ts in _chunks(B, T, chunk_size):
+            # same op, row by row, as the naive version: equal to it, not just close
+            lsm = torch.log_softmax(_scaled_fp32(logits[bs, ts], temperature), dim=-1)
+            out[bs, ts] = lsm.gather(-1, tokens[bs, ts].unsqueeze(-1)).squeeze(-1)
+            del lsm  # one chunk's temporaries alive at a time
+        ctx.save_for_backward(logits, tokens)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # grad_out (B, T)
+        logits, tokens = ctx.saved_tensors
+        B, T, V = logits.shape
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for bs, ts in _chunks(B, T, ctx.chunk_size):
+            g = torch.softmax(_scaled_fp32(logits[bs, ts], ctx.temperature), dim=-1).neg_()  # -p
+            g.scatter_add_(-1, tokens[bs, ts].unsqueeze(-1), torch.ones_like(g[..., :1]))  # onehot - p
+            g.mul_(grad_out[bs, ts].float().unsqueeze(-1) / ctx.temperature)
+            grad[bs, ts] = g  # cast back to the logits dtype, as autograd through .float() would
+            del g
+        return grad, None, None, None
+
+
+def token_logprobs(logits, tokens, temperature=1.0, chunk_size=512):
+    """fp32 log-probs (B, T) of tokens (B, T) under logits (B, T, V) / temperature; (B, V) + (B,) also works.
+
+    Peak extra memory O(chunk_size * V) fp32 instead of O(B * T * V); differentiable w.r.t. logits.
+    Equals token_logprobs_reference (the naive version) to fp32 rounding on any input dtype.
+    """
+    if logits.dim() not in (2, 3) or tuple(tokens.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"token_logprobs: logits must be (B, T, V) or (B, V) with tokens (B, T) or (B,); "
+                         f"got logits {tuple(logits.shape)}, tokens {tuple(tokens.shape)}")
+    if not logits.is_floating_point() or tokens.is_floating_point():
+        raise ValueError(f"token_logprobs: logits must be float and tokens integer, got {logits.dtype} "
+                         f"and {tokens.dtype}")
+    if not temperature > 0 or chunk_size < 1:
+        raise ValueError(f"token_logprobs: need temperature > 0 and chunk_size >= 1, got {temperature}, "
+                         f"{chunk_size}")
+    if logits.dim() == 2:  # one position per row (e.g. a decode step)
+        return token_logprobs(logits.unsqueeze(1), tokens.unsqueeze(1), temperature, chunk_size).squeeze(1)
+    return _TokenLogprobs.apply(logits, tokens.long(), float(temperature), int(chunk_size))
+
+
+def token_logprobs_reference(logits, tokens, temperature=1.0):
+    """The obvious version, kept as the oracle: holds a full fp32 (B, T, V) log-softmax."""
+    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+class _TokenEntropy(torch.autograd.Function):
+    """Entropy of softmax(logits / T) per position, chunked like _TokenLogprobs.
+    H = logsumexp(z) - sum_v p_v z_v, and dH/dz_v = -p_v (z_v - sum_u p_u z_u), z = logits / T."""
+
+    @staticmethod
+    def forward(ctx, logits, temperature, chunk_size):
+        B, T, V = logits.shape
+        out = torch.empty(B, T, dtype=torch.float32, device=logits.device)
+        for bs, ts in _chunks(B, T, chunk_size):
+            z = _scaled_fp32(logits[bs, ts], temperature)
+            out[bs, ts] = torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
+            del z
+        ctx.save_for_backward(logits)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # grad_out (B, T)
+        (logits,) = ctx.saved_tensors
+        B, T, V = logits.shape
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for bs, ts in _chunks(B, T, ctx.chunk_size):
+            z = _scaled_fp32(logits[bs, ts], ctx.temperature)
+            p = torch.softmax(z, dim=-1)
+            z = z - (p * z).sum(dim=-1, keepdim=True)  # z - E_p[z]
+            grad[bs, ts] = p.mul_(z).mul_(-grad_out[bs, ts].float().unsqueeze(-1) / ctx.temperature)
+            del z, p
+        return grad, None, None
+
+
+def token_entropy(logits, temperature=1.0, chunk_size=512):
+    """fp32 entropy (B, T) of softmax(logits (B, T, V) / temperature); differentiable, O(chunk * V) extra."""
+    if logits.dim() != 3 or not logits.is_floating_point():
+        raise ValueError(f"token_entropy: logits must be float (B, T, V), got {tuple(logits.shape)} {logits.dtype}")
+    return _TokenEntropy.apply(logits, float(temperature), int(chunk_size))
+
+
+# ----------------------------------------------------------------------------- KL to the reference
+
+def kl_penalty(logprobs, ref_logprobs, kind="k3"):
+    """Per-token KL(policy || ref) estimate from the sampled tokens' log-probs; same shape as the inputs.
+
+    Values: E_policy[k1] = E_policy[k3] = KL(policy || ref). Gradients (the estimate is differentiated
+    through logprobs only, the tokens being fixed samples): E[grad k2] = grad KL(policy || ref), while
+    E[grad k3] = grad KL(ref || policy) and E[grad k1] = 0. tests/test_grpo.py pins all of these.
+    """
+    if logprobs.shape != ref_logprobs.shape:
+        raise ValueError(f"kl_penalty: logprobs {tuple(logprobs.shape)} and ref_logprobs "
+                         f"{tuple(ref_logprobs.shape)} must have the same shape")
+    if kind == "k1":
+        return logprobs - ref_logprobs
+    if kind == "k2":
+        return 0.5 * (logprobs - ref_logprobs).square()
+    if kind == "abs":
+        return (logprobs - ref_logprobs).abs()
+    if kind == "k3":  # low_var_kl: clamps keep exp() finite when the two policies disagree wildly
+        d = torch.clamp(ref_logprobs - logprobs, -20.0, 20.0)
+        return torch.clamp(torch.exp(d) - d - 1.0, -10.0, 10.0)
+    raise ValueError(f"kl_penalty: kind must be one of {KL_KINDS}, got {kind!r}")
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+def agg_normalizer(response_mask, agg="token-mean"):
+    """This micro-batch's count for `agg` (0-d int64): response tokens, or sequences with >= 1 of them.
+
+    The caller sums it over every micro-batch of the optimizer step and all-reduces (SUM) over ranks,
+    then passes the total as policy_loss(loss_normalizer=...).
+    """
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+    mask = response_mask.bool()
+    if agg == "token-mean":
+        return mask.sum()
+    return (mask.sum(dim=-1) > 0).sum()
+
+
+def _aggregate(x, mask, agg, loss_normalizer, norm_constant):
+    """Scalar from per-token values x (B, T) over mask (B, T); see the table at the top of the file."""
+    x = torch.where(mask, x, torch.zeros_like(x))
+    # with no normalizer given, this call is the whole batch; clamp so an empty one gives 0, not NaN
+    n = agg_normalizer(mask, agg).clamp(min=1) if loss_normalizer is None else loss_normalizer
+    if agg == "token-mean":
+        return x.sum() / n
+    if agg == "seq-mean-token-mean":
+        per_seq = x.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)  # (B,)
+    else:  # seq-mean-token-sum-norm: one constant divisor, so long responses are not down-weighted
+        per_seq = x.sum(dim=-1) / norm_constant
+    return per_seq.sum() / n
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def _check_shapes(logprobs, old_logprobs, advantages, response_mask, ref_logprobs, logits):
+    shapes = {"logprobs": logprobs, "old_logprobs": old_logprobs, "response_mask": response_mask}
+    if ref_logprobs is not None:
+        shapes["ref_logprobs"] = ref_logprobs
+    named = ", ".join(f"{k} {tuple(v.shape)}" for k, v in shapes.items())
+    if logprobs.dim() != 2 or logprobs.numel() == 0 or any(v.shape != logprobs.shape for v in shapes.values()):
+        raise ValueError(f"policy_loss: need equal non-empty (B, T) shapes; got {named}")
+    B, T = logprobs.shape
+    if tuple(advantages.shape) not in ((B,), (B, T)):
+        raise ValueError(f"policy_loss: advantages must be (B,) = ({B},) or (B, T) = ({B}, {T}); got "
+                         f"{tuple(advantages.shape)} with {named}")
+    if logits is not None and (logits.dim() != 3 or tuple(logits.shape[:2]) != (B, T)):
+        raise ValueError(f"policy_loss: logits must be (B, T, V) with (B, T) = ({B}, {T}); got "
+                         f"{tuple(logits.shape)} with {named}")
+
+
+def policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low=0.2, clip_high=0.2,
+                dual_clip=None, ref_logprobs=None, kl_coef=0.0, kl_kind="k3", agg="token-mean",
+                loss_normalizer=None, norm_constant=None, logits=None, temperature=1.0, entropy_coef=0.0):
+    """Clipped GRPO surrogate (+ kl_coef * KL) on one micro-batch -> (loss, stats).
+
+    logprobs (B, T) with grad; old_logprobs, ref_logprobs (B, T) fixed; advantages (B,) or (B, T);
+    response_mask (B, T) 0/1; logits (B, T, V) optional: the entropy stat (at `temperature`), and the
+    bonus -entropy_coef * agg(entropy) in the loss when entropy_coef != 0 (verl's entropy_coeff; paper: 0).
+    loss_normalizer: the global N_tok (token-mean) or N_seq (seq-mean-*), see agg_normalizer; None means
+    this call is the whole batch. The returned loss is then this micro-batch's share: the shares of all
+    micro-batches and ranks add up to the full-batch loss (a DDP/FSDP gradient *average* over W ranks
+    must be undone by multiplying the loss by W). norm_constant: C for seq-mean-token-sum-norm.
+    stats: detached 0-d float32 tensors on the input's device. `loss`, `pg_loss`, `kl` are shares like
+    the loss (sum them over micro-batches); the rest describe this call's n_tokens response tokens:
+    clipfrac_low/high/dual (fraction of tokens where that clip is active: zero gradient), ratio_mean,
+    ratio_min/max (1.0 when n_tokens = 0, finite so that a token-weighted average ignores them),
+    ppo_kl = mean(old - logp), entropy (with logits; token mean, not a share).
+    """
+    _check_shapes(logprobs, old_logprobs, advantages, response_mask, ref_logprobs, logits)
+    if agg not in AGG_MODES:
+        raise ValueError(f"policy_loss: agg must be one of {AGG_MODES}, got {agg!r}")
+    if agg == "seq-mean-token-sum-norm" and (norm_constant is None or not norm_constant > 0):
+        raise ValueError("policy_loss: agg='seq-mean-token-sum-norm' needs norm_constant > 0 (Dr. GRPO uses "
+                         f"the max response length, fixed for the run); got {norm_constant}")
+    if not (0 <= clip_low < 1 and clip_high >= 0):
+        raise ValueError(f"policy_loss: need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"policy_loss: dual_clip must be > 1 (verl uses 3.0), got {dual_clip}")
+    if entropy_coef != 0 and logits is None:
+        raise ValueError(f"policy_loss: entropy_coef={entropy_coef} needs logits")
+    if kl_coef != 0 and ref_logprobs is None:
+        raise ValueError(f"policy_loss: kl_coef={kl_coef} needs ref_logprobs")
+    if isinstance(loss_normalizer, (int, float)) and not loss_normalizer > 0:
+        raise ValueError(f"policy_loss: loss_normalizer must be > 0, got {loss_normalizer}")
+
+    mask = response_mask.bool()
+    zero = torch.zeros_like(logprobs)
+    # padding may hold anything (even -inf/NaN); zero it first so no NaN reaches the graph
+    logp = torch.where(mask, logprobs, zero)
+    old = torch.where(mask, old_logprobs.to(logprobs.dtype), zero)
+    adv = advantages.to(logprobs.dtype)
+    adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv  # (B, 1) or (B, T)
+
+    log_ratio = torch.clamp(logp - old, -20.0, 20.0)  # as verl: exp stays finite
+    ratio = torch.exp(log_ratio)  # (B, T)
+    pg = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high))
+    if dual_clip is not None:  # a very negative A times a huge ratio would be an unbounded loss
+        pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
+    pg_loss = _aggregate(pg, mask, agg, loss_normalizer, norm_constant)
+    loss = pg_loss
+
+    kl = None
+    if ref_logprobs is not None:
+        ref = torch.where(mask, ref_logprobs.to(logprobs.dtype), zero)
+        kl = _aggregate(kl_penalty(logp, ref, kl_kind), mask, agg, loss_normalizer, norm_constant)
+        if kl_coef != 0:
+            loss = loss + kl_coef * kl
+
+    entropy = None
+    if logits is not None:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_coef != 0):  # a stat unless a bonus
+            entropy = token_entropy(logits, temperature)  # (B, T)
+        if entropy_coef != 0:  # maximize entropy: subtract, aggregated like the rest
+            loss = loss - entropy_coef * _aggregate(entropy, mask, agg, loss_normalizer, norm_constant)
+
+    with torch.no_grad():
+        n_tokens = mask.sum()
+        one = torch.ones((), dtype=ratio.dtype, device=ratio.device)
+
+        def token_mean(v):  # mean over this call's response tokens
+            return torch.where(mask, v.float(), torch.zeros_like(ratio)).sum() / n_tokens.clamp(min=1)
+
+        stats = {
+            "loss": loss.detach().float(),
+            "pg_loss": pg_loss.detach().float(),
+            "kl": kl.detach().float() if kl is not None else ratio.new_zeros(()),
+            # clip active = the clipped branch is chosen strictly, so this token sends no gradient
+            "clipfrac_high": token_mean((adv > 0) & (ratio > 1.0 + clip_high)),
+            "clipfrac_low": token_mean((adv < 0) & (ratio < 1.0 - clip_low)),
+            "clipfrac_dual": token_mean((adv < 0) & (ratio > dual_clip)) if dual_clip is not None
+            else ratio.new_zeros(()),
+            "ratio_mean": token_mean(ratio),
+            "ratio_min": torch.where(n_tokens > 0, torch.where(mask, ratio, ratio.max()).amin(), one),
+            "ratio_max": torch.where(n_tokens > 0, torch.where(mask, ratio, ratio.min()).amax(), one),
+            "ppo_kl": token_mean(old - logp),
+            "n_tokens": n_tokens.float(),
+        }
+        if entropy is not None:
+            stats["entropy"] = token_mean(entropy)
+        stats = {k: v.detach().to(torch.float32) for k, v in stats.items()}
+    return loss, stats

@@ -1,0 +1,227 @@
+"""Load and save models in the Hugging Face checkpoint layout: config.json + model.safetensors, or shards
+listed in model.safetensors.index.json. Weights only through safetensors (never pickle), no remote code.
+
+    model = load("/path/Qwen3-VL-8B-Thinking", device="cuda", dtype=torch.bfloat16)
+    save(model, "runs/step100/policy", max_shard_size="5GB")
+"""
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .qwen3_vl import Qwen3VL
+
+# config.json model_type -> model class (the class knows its config parser and checkpoint key names).
+ARCHITECTURES = {"qwen3_vl": Qwen3VL}
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Non-persistent buffers some exporters saved anyway; we recompute them.
+IGNORED_KEYS = re.compile(r".*(rotary_emb|rotary_pos_emb)\.inv_freq$")
+
+
+def read_config(path):
+    """(model class, config object) for a checkpoint directory, from its config.json."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: no config.json (is {path} a Hugging Face checkpoint dir?)")
+    with open(config_path) as f:
+        d = json.load(f)
+    model_type = d.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"{config_path}: unknown model_type {model_type!r}; supported: {sorted(ARCHITECTURES)}")
+    cls = ARCHITECTURES[model_type]
+    return cls, cls.config_class.from_hf_dict(d)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards named by the index, or the single file."""
+    index = path / INDEX_NAME
+    if index.is_file():
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shard file(s) that do not exist: {missing}")
+        return [path / n for n in names]
+    if (path / SINGLE_NAME).is_file():
+        return [path / SINGLE_NAME]
+    raise FileNotFoundError(f"{path}: neither {SINGLE_NAME} nor {INDEX_NAME} found")
+
+
+def _ours(key: str, prefixes) -> str | None:
+    for hf, ours in prefixes:
+        if key.startswith(hf):
+            return ours + key[len(hf):]
+    return None
+
+
+def _expected_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor the checkpoint must provide; a tied lm_head is provided by the embedding."""
+    expected = dict(model.state_dict())
+    if getattr(model.config, "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)
+    return expected
+
+
+def load(path, device="cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Build the model named by path/config.json and load its weights, in eval mode.
+
+    The model is built on the meta device (no memory), each tensor is read from safetensors straight onto
+    `device`, cast to `dtype` (floating tensors only) and assigned into the module: peak memory is the
+    model plus one tensor, never two copies of the model.
+    """
+    path = Path(path)
+    cls, config = read_config(path)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    with torch.device("meta"):
+        model = cls(config)
+    expected = _expected_params(model)
+
+    state, unexpected, source = {}, [], {}
+    for file in _weight_files(path):
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                ours = _ours(key, cls.hf_key_prefixes)
+                if IGNORED_KEYS.match(key) or (ours == "lm_head.weight" and ours not in expected):
+                    continue  # recomputed buffer, or lm_head stored although tied to the embedding
+                if ours not in expected:
+                    unexpected.append(f"{key} ({file.name})")
+                    continue
+                if ours in state:
+                    raise ValueError(f"{path}: tensor {key} appears in both {source[ours]} and {file.name}")
+                shape = tuple(f.get_slice(key).get_shape())
+                want = tuple(expected[ours].shape)
+                if shape != want:
+                    raise ValueError(f"{file}: tensor {key} has shape {list(shape)}, the model "
+                                     f"(config.json) expects {list(want)}")
+                t = f.get_tensor(key)
+                state[ours] = t.to(dtype) if t.is_floating_point() else t
+                source[ours] = file.name
+    missing = sorted(set(expected) - set(state))
+    if unexpected or missing:
+        raise ValueError(f"{path}: checkpoint does not match the {cls.__name__} built from config.json; "
+                         f"missing keys: {missing or 'none'}; unexpected keys: {unexpected or 'none'}")
+    # Keys were checked above; strict=False only lets a tied lm_head (absent on purpose) through.
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()  # assign=True replaced the embedding Parameter; point lm_head at the new one
+    return model.eval()
+
+
+def parse_size(size) -> int:
+    """Bytes from an int or a string like '5GB', '500MB', '2GiB' (GB = 10**9, GiB = 2**30, as HF)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*", str(size), flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}: expected bytes as int or e.g. '5GB', '500MB', '2GiB'")
+    unit = m.group(2).upper()
+    base = 1024 if "I" in unit else 1000
+    return int(float(m.group(1)) * base ** "BKMGT".index(unit[0]))
+
+
+def _hf_state(model: nn.Module, state_dict=None) -> dict[str, torch.Tensor]:
+    """Our state dict under the current HF key names (a tied lm_head is left out, as HF does)."""
+    reverse = {}
+    for hf, ours in model.hf_key_prefixes:
+        reverse.setdefault(ours, hf)  # first spelling = current
+    expected = _expected_params(model)
+    if state_dict is not None:
+        expected = {k: state_dict[k] for k in expected}
+    out = {}
+    for key, t in expected.items():
+        ours = next(p for p in reverse if key.startswith(p))
+        out[reverse[ours] + key[len(ours):]] = t.detach()
+    return out
+
+
+def save(model: nn.Module, path, max_shard_size="5GB", state_dict: dict | None = None) -> None:
+    """Write config.json + safetensors (sharded with an index above max_shard_size) to path, atomically.
+
+    state_dict: full tensors under our names, when the model's own are sharded (e.g. gathered from FSDP).
+
+    Everything is written (and fsynced) to a temporary sibling directory that is then renamed into place:
+    a crash leaves the old checkpoint (at path, or for an instant under a `.NAME.old-*` sibling) or the
+    complete new one, never a mix. Other files already in path (a tokenizer, a training state) are carried
+    over into the new directory.
+    """
+    path = Path(path)
+    limit = parse_size(max_shard_size)
+    state = _hf_state(model, state_dict)
+    shards, current, size = [], {}, 0
+    for key, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = t
+        size += nbytes
+    shards.append(current)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        dtype = str(model.dtype).removeprefix("torch.")
+        with open(tmp / "config.json", "w") as f:
+            json.dump(model.config.to_hf_dict(dtype=dtype), f, indent=2)
+        names = [SINGLE_NAME] if len(shards) == 1 else \
+            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        weight_map = {}
+        for name, shard in zip(names, shards):
+            # One shard at a time on the CPU.
+            save_file({k: _standalone(t) for k, t in shard.items()}, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            with open(tmp / INDEX_NAME, "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        for file in tmp.iterdir():
+            _fsync(file)
+        _fsync(tmp)
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _standalone(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor owning its storage (safetensors refuses views into a shared storage)."""
+    t = t.to("cpu").contiguous()
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
+def _fsync(p: Path) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_model_file(name: str) -> bool:
+    return name in ("config.json", INDEX_NAME) or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", name)
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """Rename the finished temp dir to path, keeping path's non-model files."""
+    if not path.exists():
+        os.replace(tmp, path)
+        _fsync(path.parent)
+        return
+    for entry in path.iterdir():
+        if not _is_model_file(entry.name) and not (tmp / entry.name).exists():
+            copy = shutil.copytree if entry.is_dir() else shutil.copy2
+            copy(entry, tmp / entry.name)
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    os.replace(path, old / path.name)  # directories cannot be renamed over a non-empty one
+    os.replace(tmp, path)
+    _fsync(path.parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,141 @@
+"""The Qwen text decoder: RMSNorm, GQA attention with optional q/k RMSNorm and biases, SwiGLU MLP, blocks,
+and the stack. Written for Qwen3-VL's text model; the qk_norm / qkv_bias / o_bias flags of TextConfig let
+Qwen2.5-VL's decoder reuse it. Module names match the Hugging Face checkpoint keys under `language_model.`.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import TextConfig
+from .rope import apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32, cast back, then scale: the order HF uses, so bf16 results match too.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def causal_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Key mask for a full (cache-free) forward: (B, T) 1 = real token -> (B, 1, T, T) bool, True = attend.
+
+    None when there is no padding: attention is then plainly causal (SDPA's is_causal fast path).
+    A padding query has no real key before it, so it also attends to itself: its output is garbage that
+    nobody reads, but it stays finite (an all-masked softmax row would be NaN, and NaN leaks into grads).
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    T = attention_mask.shape[1]
+    idx = torch.arange(T, device=attention_mask.device)
+    causal = idx[None, :] <= idx[:, None]  # (Tq, Tk)
+    mask = causal[None] & attention_mask.bool()[:, None, :]  # (B, Tq, Tk)
+    mask = mask | torch.eye(T, dtype=torch.bool, device=mask.device)[None]
+    return mask[:, None]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              impl: str = "sdpa") -> torch.Tensor:
+    """Scaled dot-product attention with grouped key/value heads.
+
+    q (B, H, Tq, D); k, v (B, Hkv, Tk, D); mask (B, 1, Tq, Tk) bool True = attend, or None = causal with
+    Tq == Tk. Returns (B, H, Tq, D). "eager" is the explicit matmul/softmax(fp32) version, kept as the oracle.
+    """
+    rep = q.shape[1] // k.shape[1]
+    if impl == "sdpa":
+        if mask is None:  # no mask: GQA without copying k/v, flash kernel on GPU
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=rep > 1)
+        # With a mask, expand k/v so the masked kernels (memory-efficient on GPU) accept them.
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, Tq, Tk)
+    if mask is None:
+        Tq, Tk = scores.shape[-2:]
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.impl = cfg.attn_impl
+        C, D = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(C, self.n_heads * D, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(C, self.n_kv_heads * D, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(C, self.n_kv_heads * D, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * D, C, bias=cfg.o_bias)
+        # Qwen3 normalizes each head's q and k (over head_dim) before the rotary.
+        self.q_norm = RMSNorm(D, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(D, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): same angles for every head
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is None:
+            y = attention(q, k, v, mask, self.impl)
+        else:  # the cache stores k/v at this step's slots and attends over everything it holds
+            y = cache.attend(self.layer_idx, q, k, v)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    """Token embedding + decoder layers + final norm (HF: `model.language_model`)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None, deepstack=None):
+        """x (B, T, C) input embeddings; cos/sin (B, T, D); mask from `causal_mask` (ignored with a cache).
+
+        deepstack: None or (visual_mask (B, T) bool, [features (n_visual, C)] * K): DeepStack adds the
+        k-th visual feature map to the hidden states at the visual positions after decoder layer k.
+        """
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache)
+            if deepstack is not None and i < len(deepstack[1]):
+                visual_mask, features = deepstack
+                x = x.index_put((visual_mask,), x[visual_mask] + features[i].to(x.dtype))
+        return self.norm(x)

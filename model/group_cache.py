@@ -1,0 +1,155 @@
+"""Shared-prefix KV cache for group sampling: each prompt's prefix keys/values are stored once and attended by
+its G sample rows; every row keeps only its own response keys/values. Same interface as KVCache (see kv_cache.py).
+
+    cache = model.new_cache(P, Tp); model(prompt_ids, attention_mask=m, cache=cache)   # prefill P prompts once
+    cache = GroupCache(cache, group_size=G, max_new_tokens=N)                          # now P * G rows
+"""
+import torch
+
+from .kv_cache import KVCache
+
+
+class GroupCache:
+    """Prefix block (layers, P, Hkv, Tp, D) shared by the G rows of each prompt + suffix block (layers, B, Hkv, S, D).
+
+    Rows are prompt-major (row r = prompt r // G, sample r % G). Attention over [prefix | suffix] is one softmax,
+    computed in two blocks without copying the prefix per row:
+      - prefix block: the queries of a prompt's G rows are stacked into one matrix, (P, Hkv, G*rep*T, D) against
+        the prompt's (P, Hkv, Tp, D) keys: one matmul per prompt instead of G (and no G-fold prefix in memory);
+      - suffix block: per row, (B, Hkv, rep*T, D) against the row's own (B, Hkv, S, D) keys;
+      - the two partial softmaxes are merged with their running maxima and sums (the flash-attention rescaling),
+        which is exactly softmax over the concatenated scores.
+    `keep(rows)` drops finished rows (and prompts whose rows have all finished) so they cost no further compute;
+    groups may then have different sizes, and the prefix block's queries are scattered into a padded
+    (P, Gmax) grid (the padding slots compute garbage that is never read).
+    """
+
+    def __init__(self, prefix: KVCache, group_size: int, max_new_tokens: int):
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        L, P, Hkv, _, D = prefix.k.shape
+        Tp = prefix.length
+        device, dtype = prefix.k.device, prefix.k.dtype
+        self.group_size = group_size
+        # The prefix block: the filled slots of the prefill cache (a view, not a copy).
+        self.pk, self.pv = prefix.k[:, :, :, :Tp], prefix.v[:, :, :, :Tp]
+        # Left padding of the prompts as an additive score bias (P, 1, 1, Tp); None when no prompt is padded.
+        valid = prefix.valid[:, :Tp]
+        self.prefix_bias = None if bool(valid.all()) else \
+            torch.zeros(P, 1, 1, Tp, device=device).masked_fill(~valid[:, None, None, :], float("-inf"))
+        B = P * group_size
+        self.sk = torch.zeros(L, B, Hkv, max_new_tokens, D, dtype=dtype, device=device)
+        self.sv = torch.zeros_like(self.sk)
+        self.valid = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
+        self.next_position = prefix.next_position.repeat_interleave(group_size)  # (B,)
+        self.length = 0  # suffix slots used (the same for every row)
+        self.max_new_tokens = max_new_tokens
+        self.nbytes = sum(t.numel() * t.element_size() for t in (self.pk, self.pv, self.sk, self.sv))
+        self._start = 0
+        self._bias = None  # (B, 1, T, length) additive suffix bias for the current step
+        # Row -> prompt bookkeeping for the prefix block (see _regroup).
+        self.row_prompt = torch.arange(P, device=device).repeat_interleave(group_size)
+        self._regroup()
+
+    @property
+    def batch_size(self) -> int:
+        return self.row_prompt.numel()
+
+    def _regroup(self) -> None:
+        """Place each row in the (prompts, Gmax) grid of the prefix block: slot = prompt * Gmax + rank in group."""
+        counts = torch.bincount(self.row_prompt, minlength=self.pk.shape[1])
+        self.gmax = int(counts.max())
+        # dense: every prompt has gmax rows, so the grid is the row order itself and no scatter is needed
+        self.dense = bool((counts == self.gmax).all())
+        first = torch.cumsum(counts, 0) - counts  # first row of each prompt
+        rank = torch.arange(self.batch_size, device=counts.device) - first[self.row_prompt]
+        self.slot = self.row_prompt * self.gmax + rank
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (increasing indices into the current rows); prompts left without rows go too."""
+        rows = rows.to(self.sk.device)
+        if rows.numel() == 0 or bool((rows[1:] <= rows[:-1]).any()):
+            raise ValueError("GroupCache.keep needs a non-empty increasing list of rows")
+        self.sk, self.sv = self.sk[:, rows], self.sv[:, rows]
+        self.valid, self.next_position = self.valid[rows], self.next_position[rows]
+        row_prompt = self.row_prompt[rows]
+        alive = torch.unique(row_prompt)  # sorted
+        if alive.numel() < self.pk.shape[1]:
+            self.pk, self.pv = self.pk[:, alive], self.pv[:, alive]
+            if self.prefix_bias is not None:
+                self.prefix_bias = self.prefix_bias[alive]
+            row_prompt = torch.searchsorted(alive, row_prompt)  # renumber prompts 0..P'-1
+        self.row_prompt = row_prompt
+        self._regroup()
+
+    # ---- the cache interface (kv_cache.py) ----
+    def append(self, new_mask: torch.Tensor, next_position: torch.Tensor) -> None:
+        B, T = new_mask.shape
+        if B != self.batch_size:
+            raise ValueError(f"GroupCache holds {self.batch_size} rows but the forward has {B}")
+        start, end = self.length, self.length + T
+        if end > self.max_new_tokens:
+            raise ValueError(f"GroupCache is full: {start} response slots used + {T} new > {self.max_new_tokens}")
+        self.valid[:, start:end] = new_mask.bool()
+        q_slot = torch.arange(start, end, device=self.valid.device)
+        k_slot = torch.arange(end, device=self.valid.device)
+        keep = (k_slot[None, :] <= q_slot[:, None])[None] & self.valid[:, None, :end]  # (B, T, end)
+        # An all-masked suffix row is fine: every prompt has at least one real prefix token.
+        self._bias = torch.zeros(keep.shape, device=keep.device).masked_fill_(~keep, float("-inf"))[:, None]
+        self._start, self.length = start, end
+        self.next_position = next_position
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (B, H, T, D), k/v (B, Hkv, T, D) -> (B, H, T, D): softmax over [own prompt's prefix | own suffix]."""
+        start, end = self._start, self.length
+        self.sk[layer_idx, :, :, start:end] = k
+        self.sv[layer_idx, :, :, start:end] = v
+        B, H, T, D = q.shape
+        Hkv = k.shape[1]
+        M = H // Hkv * T  # query rows per kv head and row: GQA heads of a kv head share its keys
+        q = (q * D ** -0.5).reshape(B, Hkv, M, D)  # head h = kv * rep + i, so (H, T) -> (Hkv, rep * T)
+
+        # Prefix block: (P, Hkv, G*M, D) @ (P, Hkv, D, Tp), the G rows of a prompt stacked as one query matrix.
+        o_pre, m_pre, l_pre = _partial_softmax(self._to_grid(q), self.pk[layer_idx], self.pv[layer_idx],
+                                               self.prefix_bias)
+        o_pre, m_pre, l_pre = (self._from_grid(t, B) for t in (o_pre, m_pre, l_pre))
+        # Suffix block: per row, (B, Hkv, M, D) @ (B, Hkv, D, end).
+        o_suf, m_suf, l_suf = _partial_softmax(q, self.sk[layer_idx, :, :, :end], self.sv[layer_idx, :, :, :end],
+                                               self._bias)
+        # Merge: rescale both blocks to the common maximum, then normalise once.
+        m = torch.maximum(m_pre, m_suf)
+        a, b = torch.exp(m_pre - m), torch.exp(m_suf - m)
+        out = (o_pre * a + o_suf * b) / (l_pre * a + l_suf * b)
+        return out.to(q.dtype).reshape(B, H, T, D)
+
+    # ---- row layout <-> (prompt, group) grid ----
+    def _to_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv, M, D) per row -> (P, Hkv, Gmax*M, D): each prompt's rows side by side (a copy of q only)."""
+        B, Hkv, M, D = x.shape
+        P, G = self.pk.shape[1], self.gmax
+        if not self.dense:
+            grid = x.new_zeros(P * G, Hkv, M, D)
+            grid[self.slot] = x
+            x = grid
+        return x.view(P, G, Hkv, M, D).transpose(1, 2).reshape(P, Hkv, G * M, D)
+
+    def _from_grid(self, x: torch.Tensor, B: int) -> torch.Tensor:
+        """(P, Hkv, Gmax*M, X) -> (B, Hkv, M, X): the inverse of _to_grid."""
+        P, Hkv, GM, X = x.shape
+        G = self.gmax
+        x = x.view(P, Hkv, G, GM // G, X).transpose(1, 2).reshape(P * G, Hkv, GM // G, X)
+        return x if self.dense else x[self.slot]
+
+
+def _partial_softmax(q, k, v, bias):
+    """One block of an attention softmax: (unnormalised output, row max, row sum), scores in fp32.
+
+    q (N, Hkv, M, D) already scaled; k, v (N, Hkv, S, D); bias broadcastable to (N, Hkv, M, S) or None.
+    A row whose keys are all masked gets max -inf -> clamped so that it contributes exp(-inf) = 0 weight.
+    """
+    s = (q @ k.transpose(-1, -2)).float()  # (N, Hkv, M, S)
+    if bias is not None:
+        s = s + bias
+    m = s.amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).min)
+    e = torch.exp(s - m)
+    return (e.to(v.dtype) @ v).float(), m, e.sum(-1, keepdim=True)

@@ -1,0 +1,125 @@
+"""Rotary position embeddings: Qwen3-VL's interleaved M-RoPE for the decoder, the 2-D rotary of the
+vision tower, and `rope_index`, the 3-D (t, h, w) position ids of a token sequence with images.
+
+M-RoPE (Qwen2-VL paper, section 2.1): every token gets three position ids. Text tokens use the same value
+on all three axes; an image's tokens get (t, h, w) grid coordinates offset by the position where the
+image starts, and the text after the image resumes at start + max(h, w). Qwen3-VL interleaves the three
+axes over the frequency pairs (t h w t h w ... t t) instead of giving each a contiguous block.
+"""
+import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dim: the 'half-split' rotary layout."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., D) by angles whose cos/sin broadcast against it."""
+    return x * cos + rotate_half(x) * sin
+
+
+def inv_freq(dim: int, theta: float) -> torch.Tensor:
+    """Rotary inverse frequencies (dim // 2,), fp32, computed on the CPU so every device gets the same bits."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
+def mrope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, mrope_section,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interleaved M-RoPE angles.
+
+    position_ids (3, B, T) -> cos, sin (B, T, head_dim) in `dtype`. Frequency pair i takes its angle from
+    axis t, h or w by i mod 3 (h and w only for the first 3 * mrope_section[1|2] pairs; the rest are t).
+    """
+    freq = inv_freq(head_dim, theta).to(position_ids.device)
+    angles = position_ids[..., None].float() * freq  # (3, B, T, D/2)
+    mixed = angles[0].clone()  # start from t everywhere
+    for axis in (1, 2):  # h takes pairs 1, 4, 7, ...; w takes 2, 5, 8, ...
+        pairs = slice(axis, 3 * mrope_section[axis], 3)
+        mixed[..., pairs] = angles[axis, ..., pairs]
+    emb = torch.cat((mixed, mixed), dim=-1)  # (B, T, D): the same angle for both halves
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def vision_cos_sin(hw_positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D rotary angles of the vision tower, fp32.
+
+    hw_positions (N, 2) = (row, col) of each patch -> cos, sin (N, head_dim). A quarter of the head dim
+    rotates with the row, a quarter with the col; the half-split layout doubles that to the full dim.
+    """
+    freq = inv_freq(head_dim // 2, theta).to(hw_positions.device)  # (D/4,)
+    angles = hw_positions[..., None].float() * freq  # (N, 2, D/4)
+    angles = angles.flatten(1)  # (N, D/2): [row angles | col angles]
+    emb = torch.cat((angles, angles), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def vision_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
+    """(row, col) of every patch, in the processor's patch order, (N, 2) long.
+
+    The processor emits patches grouped by merge block: (block_row, block_col, row_in_block, col_in_block),
+    so that `merge * merge` consecutive patches form one LLM token. Frames repeat the same grid.
+    """
+    out = []
+    for t, h, w in grid_thw.tolist():
+        rows = torch.arange(h).view(h // merge, merge, 1, 1).expand(-1, -1, w // merge, merge)
+        cols = torch.arange(w).view(1, 1, w // merge, merge).expand(h // merge, merge, -1, -1)
+        # (bh, mh, bw, mw) -> (bh, bw, mh, mw): block-major order
+        rows = rows.permute(0, 2, 1, 3).flatten()
+        cols = cols.permute(0, 2, 1, 3).flatten()
+        out.append(torch.stack((rows, cols), dim=-1).repeat(t, 1))
+    return torch.cat(out).to(grid_thw.device)
+
+
+def rope_index(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, attention_mask: torch.Tensor | None,
+               image_token_id: int, spatial_merge_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """3-D position ids of a batch, equal to transformers' Qwen3VLModel.get_rope_index for images.
+
+    input_ids (B, T); image_grid_thw (n_images, 3) in the order images appear (row by row); attention_mask
+    (B, T) with 1 = real token (any padding layout). Padding slots are skipped: they get position 0 and
+    the real tokens are numbered as if the padding were absent.
+    Returns position_ids (3, B, T) long and rope_deltas (B, 1) = max position + 1 - number of real tokens,
+    i.e. how far an image prompt shifts the positions of the text that follows it.
+    """
+    B, T = input_ids.shape
+    device = input_ids.device
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if image_grid_thw is None:
+        # Text only: consecutive positions over the real tokens, identical on the three axes.
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0).masked_fill(~mask, 0)
+        return pos.unsqueeze(0).expand(3, B, T).clone(), torch.zeros(B, 1, dtype=torch.long, device=device)
+
+    grids = image_grid_thw.tolist()
+    next_grid = 0
+    position_ids = torch.zeros(3, B, T, dtype=torch.long, device=device)
+    deltas = []
+    for b in range(B):
+        ids = input_ids[b][mask[b]].cpu()
+        image_at = (ids == image_token_id).nonzero().flatten().tolist()  # indices of the image tokens
+        pieces = []
+        cur, i, k = 0, 0, 0  # cur: next free position; i: next real token; k: next entry of image_at
+        while k < len(image_at):
+            start = image_at[k]
+            pieces.append(torch.arange(cur, cur + start - i).expand(3, -1))  # text before the image
+            cur += start - i
+            # One image: its tokens form a (t, h, w) grid of merged patches starting at position `cur`.
+            if next_grid >= len(grids):
+                raise ValueError(f"row {b}: more images in input_ids than image_grid_thw entries ({len(grids)})")
+            t, h, w = grids[next_grid]
+            h, w = h // spatial_merge_size, w // spatial_merge_size
+            n = t * h * w
+            if k + n > len(image_at) or image_at[k + n - 1] != start + n - 1:
+                raise ValueError(f"row {b}: image {next_grid} with grid {grids[next_grid]} needs {n} "
+                                 f"consecutive image tokens from real token {start}")
+            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+            pieces.append(torch.stack((tt.flatten(), hh.flatten(), ww.flatten())) + cur)
+            cur += max(h, w)  # text after the image resumes past its larger side
+            i, k, next_grid = start + n, k + n, next_grid + 1
+        pieces.append(torch.arange(cur, cur + len(ids) - i).expand(3, -1))  # trailing text
+        row = torch.cat(pieces, dim=1)
+        position_ids[:, b, mask[b]] = row.to(device)
+        deltas.append(int(row.max()) + 1 - len(ids) if len(ids) else 0)
+    if next_grid != len(grids):
+        raise ValueError(f"image_grid_thw has {len(grids)} entries but input_ids hold {next_grid} images")
+    return position_ids, torch.tensor(deltas, device=device).unsqueeze(1)

@@ -1,0 +1,546 @@
+"""SafeGRPO training: rollouts -> rule rewards -> group advantages -> clipped policy loss with KL.
+
+    python train.py                        # the built-in toy world, end to end on CPU in minutes
+    torchrun --nproc_per_node=8 train.py --model=/ckpt/Qwen3-VL-8B-Thinking --data=/data/safetag.parquet
+Options: `python train.py --help` (every field of config.Config).
+"""
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+import grpo
+import rewards
+import trainstate
+from config import Config, help_text, parse_config
+from trainlog import MetricsLog, plot_curves
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def init_distributed(cfg: Config):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python train.py` is a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device=cuda but torch sees no CUDA device")
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather_objects(obj):
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_split(cfg: Config, split: str):
+    """Records of one split: the toy world, or a SafeTag-format dataset on disk."""
+    if cfg.data == "toy":
+        from data import toy
+        n = cfg.toy_train_size if split == cfg.train_split else cfg.toy_eval_size
+        return toy.records(split, n, cfg.seed)
+    from data.safetag import load_safetag
+    return load_safetag(cfg.data, split=split, image_root=cfg.image_root or None)
+
+
+def encode_records(processor, records, cfg: Config) -> list[dict]:
+    """Chat-render and tokenize each record once; a prompt over max_prompt_len is an error, never cut."""
+    from data.prompt import build_prompt
+    encoded = []
+    for rec in records:
+        text = build_prompt(rec.prompt, cfg.prompt_file or None) if cfg.step_guided else rec.prompt
+        enc = processor.encode(text, rec.images)
+        if enc["input_ids"].numel() > cfg.max_prompt_len:
+            raise ValueError(f"record {rec.id}: prompt is {enc['input_ids'].numel()} tokens, "
+                             f"over --max_prompt_len={cfg.max_prompt_len}")
+        encoded.append(enc)
+    return encoded
+
+
+def step_prompt_ids(step: int, n_records: int, cfg: Config) -> list[int]:
+    """The global prompt indices of a step: epoch-wise seeded permutations, read as one stream.
+
+    Depends only on (seed, step), so every rank, and a resumed run, sees the same order."""
+    ids = []
+    for k in range(step * cfg.prompts_per_step, (step + 1) * cfg.prompts_per_step):
+        epoch, pos = divmod(k, n_records)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        ids.append(int(torch.randperm(n_records, generator=g)[pos]))
+    return ids
+
+
+# ----------------------------------------------------------------------------- batches and log-probs
+
+def collate(prompts: list[dict], response_ids: torch.Tensor, response_mask: torch.Tensor, pad_id: int, device):
+    """[left-padded prompt | right-padded response] rows; the response occupies the last R columns.
+
+    prompts[i] is row i's Processor.encode output; response_* are (b, R)."""
+    b, R = response_ids.shape
+    P = max(p["input_ids"].numel() for p in prompts)
+    input_ids = torch.full((b, P + R), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((b, P + R), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        n = p["input_ids"].numel()
+        input_ids[i, P - n:P] = p["input_ids"]
+        attention_mask[i, P - n:P] = 1
+    input_ids[:, P:] = torch.where(response_mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
+    attention_mask[:, P:] = response_mask.long()
+    pix = [p["pixel_values"] for p in prompts if p.get("pixel_values") is not None]
+    grid = [p["image_grid_thw"] for p in prompts if p.get("image_grid_thw") is not None]
+    return dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                pixel_values=torch.cat(pix).to(device) if pix else None,
+                image_grid_thw=torch.cat(grid).to(device) if grid else None)
+
+
+def response_logprobs(model, batch: dict, response_ids: torch.Tensor, temperature: float):
+    """Log-probs of the response tokens under `model` (b, R), and the logits they came from."""
+    R = response_ids.shape[1]
+    # logits at column t predict token t+1: the R response tokens are predicted by the R columns before them
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+                   image_grid_thw=batch["image_grid_thw"], logits_to_keep=R + 1)[:, :-1]
+    return grpo.token_logprobs(logits, response_ids, temperature=temperature), logits
+
+
+def autocast_ctx(cfg: Config, device):
+    if device.type == "cuda" and cfg.dtype in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and cfg.dtype == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# ----------------------------------------------------------------------------- rollouts and evaluation
+
+def rollout(policy, processor, prompts, labels, cfg: Config, step: int, prompt_ids: list[int], reward_fn, device):
+    """G samples per prompt from the current policy, decoded and scored by the rule reward."""
+    from sample import generate
+    seeds = [hash_seed(cfg.seed, step, pid) for pid in prompt_ids]
+    with torch.no_grad(), autocast_ctx(cfg, device):
+        ro = generate(policy, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                      temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                      stop_token_ids=processor.stop_token_ids, pad_token_id=processor.pad_token_id,
+                      prompt_seeds=seeds)
+    texts = [processor.decode(ro.response_ids[r][ro.response_mask[r].bool()].tolist())
+             for r in range(ro.response_ids.shape[0])]
+    row_labels = [labels[int(i)] for i in ro.prompt_index]
+    scored = [reward_fn(t, lab) for t, lab in zip(texts, row_labels)]
+    rewards_t = torch.tensor([s[0] for s in scored], dtype=torch.float32)
+    if not torch.isfinite(rewards_t).all():
+        bad = [i for i, s in enumerate(scored) if not math.isfinite(s[0])]
+        raise ValueError(f"reward function --reward={cfg.reward} returned non-finite rewards for rows {bad[:10]}")
+    return ro, texts, rewards_t, [s[1] for s in scored]
+
+
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes, unlike Python's hash())."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+def evaluate(policy, processor, records, cfg: Config, device, reward_fn, rank: int, world: int) -> dict:
+    """Greedy decoding on held-out records (sharded over ranks), scored with the safety metrics."""
+    from data.toy import metrics as safety_metrics
+    from sample import generate
+    mine = list(range(rank, len(records), world))
+    responses = {}
+    for start in range(0, len(mine), cfg.eval_batch_size):
+        idx = mine[start:start + cfg.eval_batch_size]
+        prompts = encode_records(processor, [records[i] for i in idx], cfg)
+        with torch.no_grad(), autocast_ctx(cfg, device):
+            ro = generate(policy, prompts, group_size=1, max_new_tokens=cfg.max_new_tokens, temperature=0.0,
+                          stop_token_ids=processor.stop_token_ids, pad_token_id=processor.pad_token_id, seed=0)
+        for r, i in enumerate(idx):
+            responses[i] = processor.decode(ro.response_ids[r][ro.response_mask[r].bool()].tolist())
+    merged = {}
+    for part in all_gather_objects(responses):
+        merged.update(part)
+    ordered = [merged[i] for i in range(len(records))]
+    return safety_metrics(records, ordered, reward_fn=reward_fn)
+
+
+# ----------------------------------------------------------------------------- one GRPO step
+
+def train_on_rollouts(policy, ref_model, optimizer, scheduler, prompts, ro, advantages, cfg: Config, device,
+                      world: int, pad_id: int) -> dict:
+    """mu epochs over mini-batches of the step's rollouts; one optimizer update per mini-batch.
+
+    Rows are ordered by prompt (row r is prompt r // G). A mini-batch is mini_batch_prompts/world prompts'
+    G rows on this rank, split into micro-batches for gradient accumulation. The loss normalizer is the
+    mini-batch's total over ALL ranks (response tokens for token-mean, sequences for the seq modes), so
+    summing micro-batch gradients over ranks gives exactly the full-batch gradient."""
+    B = ro.response_ids.shape[0]
+    rows_per_mb = cfg.mini_batch_prompts // world * cfg.group_size
+    old_logprobs = ro.logprobs
+    if cfg.ppo_epochs > 1:  # mu > 1: recompute the behaviour log-probs with the training forward, once
+        old_logprobs = torch.zeros_like(ro.logprobs)
+        with torch.no_grad():
+            for rows in chunks(list(range(B)), cfg.micro_batch_size):
+                old_logprobs[rows] = micro_logprobs(policy, prompts, ro, rows, cfg, device, pad_id)[0].float().cpu()
+    sums, extremes, updates, skipped = {}, {}, 0, 0
+    for _ in range(cfg.ppo_epochs):
+        for mb in chunks(list(range(B)), rows_per_mb):
+            # the global normalizer: response tokens (token-mean) or non-empty sequences (seq modes) of the
+            # whole mini-batch over all ranks, so micro-batch and rank shares add up to the full-batch loss
+            normalizer = all_reduce_sum([float(grpo.agg_normalizer(ro.response_mask[mb], cfg.loss_agg))], device)[0]
+            micro = list(chunks(mb, cfg.micro_batch_size))
+            for j, rows in enumerate(micro):
+                sync = j == len(micro) - 1 or not hasattr(policy, "no_sync")
+                with (nullcontext() if sync else policy.no_sync()):
+                    logp, logits, resp, mask = micro_logprobs(policy, prompts, ro, rows, cfg, device, pad_id)
+                    ref_lp = None
+                    if ref_model is not None and cfg.kl_coef > 0:
+                        with torch.no_grad():
+                            ref_lp = micro_logprobs(ref_model, prompts, ro, rows, cfg, device, pad_id)[0]
+                    loss, stats = grpo.policy_loss(
+                        logp, old_logprobs[rows].to(device)[:, :mask.shape[1]],
+                        advantages[rows].to(device), mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                        dual_clip=cfg.dual_clip or None, ref_logprobs=ref_lp, kl_coef=cfg.kl_coef,
+                        kl_kind=cfg.kl_kind, agg=cfg.loss_agg, loss_normalizer=normalizer,
+                        norm_constant=cfg.max_new_tokens, logits=logits, entropy_coef=cfg.entropy_coef)
+                    # DDP/FSDP average gradients over ranks; the normalizer is already global, so undo the mean
+                    (loss * world).backward()
+                weight = float(mask.sum())
+                for k, v in stats.items():
+                    if k in SHARE_STATS:  # shares of the mini-batch value: they add up over micro-batches/ranks
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                    elif k == "ratio_min":
+                        extremes[k] = min(extremes.get(k, math.inf), float(v))
+                    elif k == "ratio_max":
+                        extremes[k] = max(extremes.get(k, -math.inf), float(v))
+                    else:  # per-token means of this micro-batch: weight by its token count
+                        sums[k] = sums.get(k, 0.0) + float(v) * weight
+                sums["_w"] = sums.get("_w", 0.0) + weight
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            if math.isfinite(grad_norm):
+                optimizer.step()
+                updates += 1
+            else:  # a non-finite gradient poisons AdamW's moments: drop this update entirely
+                skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + (grad_norm if math.isfinite(grad_norm) else 0.0)
+    n_mb = max(1, updates + skipped)
+    w = all_reduce_sum([sums.pop("_w", 0.0)], device)[0] or 1.0
+    grad_norm_sum = sums.pop("grad_norm", 0.0)
+    keys = sorted(sums)
+    totals = all_reduce_sum([sums[k] for k in keys], device)
+    out = {k: v / (n_mb if k in SHARE_STATS else w) for k, v in zip(keys, totals)}
+    out.update(extremes)  # this rank's ratio extremes
+    out["grad_norm"] = grad_norm_sum / n_mb
+    out["skipped_updates"], out["updates"] = skipped, updates
+    return out
+
+
+SHARE_STATS = ("loss", "pg_loss", "kl")  # grpo.policy_loss returns these as shares of the mini-batch value
+
+
+def chunks(xs: list, n: int):
+    for i in range(0, len(xs), n):
+        yield xs[i:i + n]
+
+
+def micro_logprobs(model, prompts, ro, rows: list[int], cfg: Config, device, pad_id: int):
+    """Training-forward log-probs for some rollout rows, trimmed to their longest response."""
+    mask = ro.response_mask[rows]
+    R = max(1, int(mask.sum(1).max()))
+    resp = ro.response_ids[rows][:, :R]
+    mask = mask[:, :R]
+    batch = collate([prompts[int(ro.prompt_index[r])] for r in rows], resp, mask, pad_id, device)
+    with autocast_ctx(cfg, device):
+        logp, logits = response_logprobs(model, batch, resp.to(device), cfg.temperature)
+    return logp, logits, resp.to(device), mask.to(device).float()
+
+
+# ----------------------------------------------------------------------------- models
+
+def decoder_blocks(module) -> list:
+    """The text decoder's blocks (the unit FSDP shards and activation checkpointing wraps)."""
+    return list(module.decoder_blocks())
+
+
+def build_policy(path: str, cfg: Config, device, world: int):
+    """fp32 master weights; bf16 compute comes from autocast (DDP) or FSDP2's mixed precision policy."""
+    import model as vlm
+    net = vlm.load(path, device=device, dtype=torch.float32)
+    if cfg.activation_checkpointing:
+        from torch.distributed._composable import checkpoint
+        for block in decoder_blocks(net):
+            checkpoint(block)
+    if world > 1 and cfg.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if device.type == "cuda" and cfg.dtype != "fp32" else MixedPrecisionPolicy()
+        for block in decoder_blocks(net):
+            fully_shard(block, mp_policy=mp)
+        fully_shard(net, mp_policy=mp)
+        return net, net
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ddp = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+        return ddp, net
+    return net, net
+
+
+def build_reference(path: str, cfg: Config, device):
+    """The frozen reference policy for the KL term (bf16 weights on GPU: it never gets gradients)."""
+    import model as vlm
+    dtype = torch.bfloat16 if device.type == "cuda" and cfg.dtype != "fp32" else torch.float32
+    ref = vlm.load(path, device=device, dtype=dtype)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+class Rollout_policy:
+    """Rollouts need whole parameters: under FSDP2 unshard every block once for the whole generation
+    (one all-gather per block per step instead of one per block per decoded token)."""
+
+    def __init__(self, wrapped, net, fsdp: bool):
+        self.wrapped, self.net, self.fsdp = wrapped, net, fsdp
+
+    def __enter__(self):
+        if self.fsdp:
+            for m in self.net.modules():
+                if hasattr(m, "unshard"):
+                    m.unshard()
+        self.net.eval()
+        return self.net
+
+    def __exit__(self, *exc):
+        if self.fsdp:
+            for m in self.net.modules():
+                if hasattr(m, "reshard"):
+                    m.reshard()
+        self.net.train()
+
+
+def save_policy_fn(wrapped, net, cfg: Config, world: int, rank: int):
+    """A function writing the policy in HF layout (under FSDP, gathered to full tensors first)."""
+    import model as vlm
+
+    def save_policy(path):
+        if world > 1 and cfg.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            sd = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if rank == 0:
+                vlm.save(net, path, state_dict=sd)
+        elif rank == 0:
+            vlm.save(net, path)
+    return save_policy
+
+
+def check_finite(net) -> None:
+    bad = [n for n, p in net.named_parameters() if not torch.isfinite(p.detach()).all()]
+    if bad:
+        raise RuntimeError(f"refusing to save a poisoned checkpoint: non-finite values in {bad[:5]}")
+
+
+def make_scheduler(optimizer, cfg: Config, total_updates: int):
+    def factor(update: int) -> float:
+        if cfg.warmup_steps and update < cfg.warmup_steps:
+            return (update + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "cosine":
+            progress = (update - cfg.warmup_steps) / max(1, total_updates - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------- toy world
+
+def prepare_toy(cfg: Config, rank: int, device) -> str:
+    """Build the toy checkpoint and run the supervised warm start once; returns the warm-started dir."""
+    import model as vlm
+    from data import toy
+    from data.warmstart import warm_start
+    init_dir = os.path.join(cfg.out_dir, "toy_init")
+    ws_dir = os.path.join(cfg.out_dir, "warmstart")
+    if rank == 0 and not os.path.isfile(os.path.join(ws_dir, "config.json")):
+        if not os.path.isfile(os.path.join(init_dir, "config.json")):
+            toy.build_checkpoint(init_dir, seed=cfg.seed)
+        net = vlm.load(init_dir, device=device, dtype=torch.float32)
+        processor = vlm.load_processor(init_dir)
+        import random
+        rng = random.Random(cfg.seed)
+        examples = [(r, toy.warmstart_response(r, rng)) for r in toy.records(cfg.train_split, cfg.toy_train_size, cfg.seed)]
+        t0 = time.time()
+        warm_start(net, processor, examples, steps=cfg.warmstart_steps, lr=cfg.warmstart_lr,
+                   batch_size=cfg.warmstart_batch_size, seed=cfg.seed)
+        print(f"warm start: {cfg.warmstart_steps} steps in {time.time() - t0:.0f}s", flush=True)
+        tmp = ws_dir + ".tmp"
+        vlm.save(net, tmp)
+        processor.save(tmp)
+        os.replace(tmp, ws_dir)
+    barrier()
+    return ws_dir
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        return {}
+    cfg = parse_config(argv)
+    rank, world, device = init_distributed(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.prompts_per_step % world or cfg.mini_batch_prompts % world:
+        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} and mini_batch_prompts={cfg.mini_batch_prompts} "
+                         f"must be divisible by the number of processes ({world})")
+    torch.manual_seed(cfg.seed)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    log(f"config:\n{cfg.to_json()}", flush=True)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if rank == 0:
+        trainstate.write_json(os.path.join(cfg.out_dir, "config.json"), __import__("json").loads(cfg.to_json()))
+
+    import model as vlm
+    reward_fn = rewards.resolve_reward(cfg.reward)
+    init_path = prepare_toy(cfg, rank, device) if cfg.model == "toy" else cfg.model
+    processor = vlm.load_processor(init_path)
+    train_records, eval_records = load_split(cfg, cfg.train_split), load_split(cfg, cfg.eval_split)
+    if cfg.eval_size:
+        eval_records = eval_records[:cfg.eval_size]
+    if not train_records:
+        raise ValueError(f"--data={cfg.data}: split {cfg.train_split!r} has no rows")
+    steps_per_epoch = math.ceil(len(train_records) / cfg.prompts_per_step)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    updates_per_step = cfg.ppo_epochs * cfg.prompts_per_step // cfg.mini_batch_prompts
+
+    resume = trainstate.latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    policy_path = os.path.join(resume, "policy") if resume else init_path
+    wrapped, net = build_policy(policy_path, cfg, device, world)
+    ref_model = build_reference(init_path, cfg, device) if cfg.kl_coef > 0 else None
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg, total_steps * updates_per_step)
+    start_step, nonfinite, summary = 0, 0, {}
+    if resume:
+        ck = trainstate.load_checkpoint(resume)
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["trainer_state"]["scheduler"])
+        start_step, nonfinite = ck["trainer_state"]["step"], ck["trainer_state"]["nonfinite"]
+        summary = ck["trainer_state"].get("summary", {})
+        log(f"resumed from {resume} at step {start_step}", flush=True)
+    metrics_log = MetricsLog(cfg.out_dir, rank == 0, cfg.wandb, cfg.wandb_project,
+                             __import__("json").loads(cfg.to_json()), resume_step=start_step)
+    save_policy = save_policy_fn(wrapped, net, cfg, world, rank)
+    labels = [r.labels for r in train_records]
+
+    def run_eval(tag: str, records) -> dict:
+        with Rollout_policy(wrapped, net, cfg.fsdp and world > 1) as pol:
+            m = evaluate(pol, processor, records, cfg, device, reward_fn, rank, world)
+        log(f"eval[{tag}] " + " ".join(f"{k}={v:.3f}" for k, v in m.items() if isinstance(v, float)), flush=True)
+        return m
+
+    if "before" not in summary and eval_records:
+        summary["before"] = run_eval("before", eval_records)
+
+    def checkpoint(step: int):
+        check_finite(net)
+        trainstate.save_checkpoint(cfg.out_dir, step, save_policy, optimizer.state_dict(),
+                                   {"step": step, "nonfinite": nonfinite, "scheduler": scheduler.state_dict(),
+                                    "cursor": step * cfg.prompts_per_step, "summary": summary,
+                                    "config": __import__("json").loads(cfg.to_json())},
+                                   keep_last=cfg.keep_last) if rank == 0 else None
+        barrier()
+
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc="SafeGRPO", file=sys.stderr)
+    except ImportError:
+        bar = None
+    net.train()
+    for step in range(start_step, total_steps):
+        t0 = time.time()
+        ids = step_prompt_ids(step, len(train_records), cfg)[rank::world]   # this rank's prompts
+        prompts = encode_records(processor, [train_records[i] for i in ids], cfg)
+        with Rollout_policy(wrapped, net, cfg.fsdp and world > 1) as pol:
+            ro, texts, rew, comps = rollout(pol, processor, prompts, [labels[i] for i in ids], cfg, step, ids,
+                                            reward_fn, device)
+        t_rollout = time.time() - t0
+        advantages = grpo.group_advantages(rew, cfg.group_size, scale=cfg.adv_scale)
+        stats = train_on_rollouts(wrapped, ref_model, optimizer, scheduler, prompts, ro, advantages, cfg,
+                                  device, world, processor.pad_token_id)
+        n_gen = float(ro.response_mask.sum())
+        keys = ("format", "tag", "behavior", "visual_correct", "text_correct", "combined_correct", "refused")
+        local = [float(rew.sum()), float(len(rew)), n_gen] + [float(sum(float(c.get(k, 0)) for c in comps)) for k in keys]
+        tot = all_reduce_sum(local, device)
+        m = {"reward": tot[0] / tot[1], "response_len": tot[2] / tot[1],
+             **{k: v / tot[1] for k, v in zip(keys, tot[3:])},
+             "kl": stats.get("kl", 0.0), "clipfrac": stats.get("clipfrac_low", 0.0) + stats.get("clipfrac_high", 0.0),
+             "entropy": stats.get("entropy", 0.0), "pg_loss": stats.get("pg_loss", 0.0),
+             "ratio_max": stats.get("ratio_max", 0.0), "grad_norm": stats["grad_norm"],
+             "lr": scheduler.get_last_lr()[0], "tokens_per_s": tot[2] / max(t_rollout, 1e-9),
+             "rollout_time": t_rollout, "step_time": time.time() - t0, "skipped": stats["skipped_updates"]}
+        if stats["skipped_updates"]:
+            nonfinite += stats["skipped_updates"]
+            log(f"step {step + 1}: skipped {stats['skipped_updates']} update(s) with non-finite gradients "
+                f"({nonfinite} so far, limit {cfg.max_nonfinite})", flush=True)
+        metrics_log.log(step + 1, m)
+        log(metrics_log.console(step + 1, total_steps, m), flush=True)
+        if bar is not None:
+            bar.update(1)
+        if nonfinite > cfg.max_nonfinite:
+            raise RuntimeError(f"stopping: {nonfinite} non-finite updates exceed --max_nonfinite={cfg.max_nonfinite}; "
+                               f"the last good checkpoint is {trainstate.latest_checkpoint(cfg.out_dir)}")
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps and eval_records:
+            metrics_log.log(step + 1, {f"eval_{k}": v for k, v in run_eval(f"step {step + 1}", eval_records).items()
+                                       if isinstance(v, float)})
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
+            checkpoint(step + 1)
+    if bar is not None:
+        bar.close()
+
+    if eval_records:
+        summary["after"] = run_eval("after", eval_records)
+        if cfg.data == "toy":
+            from data import toy
+            summary["after_image_blank"] = run_eval("after, images blanked", toy.blank_images(eval_records))
+    if rank == 0:
+        trainstate.write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+        png = plot_curves(metrics_log.read(), os.path.join(cfg.out_dir, "curves.png"))
+        log(f"wrote {os.path.join(cfg.out_dir, 'summary.json')}" + (f" and {png}" if png else ""), flush=True)
+    barrier()
+    if world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
