@@ -111,10 +111,12 @@ def generate(args, path: str) -> list[dict]:
                               step_guided=not args.no_step_guided, prompt_file=args.prompt_file)
     records = load_records(args)
     print(f"{args.benchmark}: {len(records)} records", file=sys.stderr)
-    net = model_lib.load(args.model, device=args.device, dtype=getattr(torch, args.dtype))
-    net.eval()
-    processor = model_lib.load_processor(args.model)
-    return generate_outputs(net, processor, records, path, config, args.benchmark,
+
+    def load_model():
+        net = model_lib.load(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+        return net.eval(), model_lib.load_processor(args.model)
+
+    return generate_outputs(load_model, records, path, config, args.benchmark,
                             model_name=os.path.abspath(args.model), batch_size=args.batch_size,
                             progress=not args.no_progress)
 

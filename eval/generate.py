@@ -8,6 +8,7 @@ One output row: {"id", "sample", "benchmark", "subset", "question", "user_text",
 import json
 import os
 import re
+import zlib
 from dataclasses import asdict, dataclass
 
 # ---------------------------------------------------------------------------------------------------------
@@ -124,14 +125,21 @@ def user_text(question: str, config: GenerationConfig) -> str:
     return build_prompt(question, config.prompt_file)
 
 
+def record_seed(seed: int, record_id: str) -> int:
+    """The sampling key of one record: a function of (seed, id) only, so a record's samples do not depend on
+    the batch it lands in (batch size, or what was left after a crash)."""
+    return (seed << 32) ^ zlib.crc32(record_id.encode("utf-8"))
+
+
 def output_key(row: dict) -> tuple:
     return (row["id"], row.get("sample", 0))
 
 
-def generate_outputs(model, processor, records, path: str, config: GenerationConfig, benchmark: str,
+def generate_outputs(load_model, records, path: str, config: GenerationConfig, benchmark: str,
                      model_name: str = "", batch_size: int = 8, progress: bool = True) -> list[dict]:
     """Generate every (record, sample) not yet in `path`; return all rows in record order.
 
+    load_model() -> (model, processor), called only when something is left to generate.
     records: a Sequence of Records (eval.benchmarks.RecordList decodes images only for the batch at hand).
     The settings are stored in path + '.settings.json'; resuming with other settings is an error."""
     import torch
@@ -155,8 +163,10 @@ def generate_outputs(model, processor, records, path: str, config: GenerationCon
     ids = records.ids if hasattr(records, "ids") else [r.id for r in records]
     G = config.num_samples
     todo = [i for i, rid in enumerate(ids) if any((rid, s) not in done for s in range(G))]
-    stop_ids = list(processor.stop_token_ids)
-    opened_think = prompt_opens_think(processor)
+    if todo:
+        model, processor = load_model()
+        stop_ids = list(processor.stop_token_ids)
+        opened_think = prompt_opens_think(processor)
 
     bar = tqdm(total=len(todo), desc=f"generating ({benchmark})", disable=not progress or not todo)
     for start in range(0, len(todo), batch_size):
@@ -167,15 +177,16 @@ def generate_outputs(model, processor, records, path: str, config: GenerationCon
             rollout = sample.generate(
                 model, prompts, group_size=G, max_new_tokens=config.max_new_tokens,
                 temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,   # temperature 0 = argmax
-                stop_token_ids=stop_ids, seed=config.seed, pad_token_id=processor.pad_token_id)
+                stop_token_ids=stop_ids, seed=config.seed, pad_token_id=processor.pad_token_id,
+                prompt_seeds=[record_seed(config.seed, r.id) for r in batch])
         new_rows = []
         for r in range(len(batch) * G):                     # row r = prompt r // G, sample r % G
             record, s = batch[r // G], r % G
             if (record.id, s) in done:
                 continue
             ids_r = rollout.response_ids[r][rollout.response_mask[r].bool()].tolist()
-            while ids_r and ids_r[-1] in stop_ids:          # the stop token ends the turn; it is not text
-                ids_r.pop()
+            if rollout.finish_reason[r] == "stop":          # the stop token ends the turn; it is not text
+                ids_r = ids_r[:-1]
             response = processor.decode(ids_r)
             think, answer, source = split_response(response, opened_think)
             row = {"id": record.id, "sample": s, "benchmark": benchmark, "subset": record.subset,

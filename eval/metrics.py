@@ -71,17 +71,20 @@ Pair = tuple[dict, dict]   # (output row, judgment)
 
 def rate(name: str, group: str, pairs: list[Pair], outcome: Callable[[str], bool | None],
          higher_is_better: bool = True, headline: bool = False) -> Metric | None:
-    """The share of pairs whose label's outcome is True, over those where it applies; None if none do."""
-    k = n = unparsed = 0
+    """The share of pairs whose label's outcome is True, over those where it applies. None when it applies to
+    no verdict (e.g. a refusal rate from a safety judge); kept with n = 0 when every verdict failed to parse."""
+    k = n = unparsed = other = 0
     for _, j in pairs:
         if j["label"] is None:
             unparsed += 1
             continue
         v = outcome(j["label"])
-        if v is not None:
+        if v is None:
+            other += 1
+        else:
             n += 1
             k += bool(v)
-    if n == 0 and unparsed == 0:
+    if n == 0 and (unparsed == 0 or other > 0):
         return None
     return Metric(name, group, k, n, unparsed, higher_is_better, headline)
 

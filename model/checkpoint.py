@@ -16,10 +16,11 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .qwen2_5_vl import Qwen2_5_VL
 from .qwen3_vl import Qwen3VL
 
 # config.json model_type -> model class (the class knows its config parser and checkpoint key names).
-ARCHITECTURES = {"qwen3_vl": Qwen3VL}
+ARCHITECTURES = {"qwen3_vl": Qwen3VL, "qwen2_5_vl": Qwen2_5_VL}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # Non-persistent buffers some exporters saved anyway; we recompute them.
@@ -56,10 +57,12 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def _ours(key: str, prefixes) -> str | None:
-    for hf, ours in prefixes:
-        if key.startswith(hf):
-            return ours + key[len(hf):]
-    return None
+    """Our name for checkpoint key `key`: its longest matching HF prefix replaced by ours (None: no match)."""
+    matches = [(hf, ours) for hf, ours in prefixes if key.startswith(hf)]
+    if not matches:
+        return None
+    hf, ours = max(matches, key=lambda m: len(m[0]))
+    return ours + key[len(hf):]
 
 
 def _expected_params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -129,10 +132,10 @@ def parse_size(size) -> int:
 
 
 def _hf_state(model: nn.Module, state_dict=None) -> dict[str, torch.Tensor]:
-    """Our state dict under the current HF key names (a tied lm_head is left out, as HF does)."""
+    """Our state dict under the HF key names `save` writes (a tied lm_head is left out, as HF does)."""
     reverse = {}
     for hf, ours in model.hf_key_prefixes:
-        reverse.setdefault(ours, hf)  # first spelling = current
+        reverse.setdefault(ours, hf)  # first spelling = the one to write
     expected = _expected_params(model)
     if state_dict is not None:
         expected = {k: state_dict[k] for k in expected}

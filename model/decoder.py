@@ -1,6 +1,6 @@
 """The Qwen text decoder: RMSNorm, GQA attention with optional q/k RMSNorm and biases, SwiGLU MLP, blocks,
-and the stack. Written for Qwen3-VL's text model; the qk_norm / qkv_bias / o_bias flags of TextConfig let
-Qwen2.5-VL's decoder reuse it. Module names match the Hugging Face checkpoint keys under `language_model.`.
+and the stack. One decoder for Qwen3-VL (q/k norm, no biases) and Qwen2.5-VL (q/k/v biases, no q/k norm):
+the qk_norm / qkv_bias / o_bias flags of TextConfig. Module names match the Hugging Face keys under `language_model.`.
 """
 import torch
 import torch.nn as nn
@@ -93,16 +93,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(act(gate(x)) * up(x)). The decoder's has no biases; Qwen2.5-VL's ViT blocks use it with biases."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, act=F.silu):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act = act
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -111,7 +112,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, cos, sin, mask, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)

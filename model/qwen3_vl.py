@@ -1,24 +1,19 @@
-"""Qwen3-VL (dense text decoder) in plain PyTorch: vision tower -> image tokens scattered into the text
-embeddings -> decoder with interleaved M-RoPE and DeepStack injection -> lm_head.
+"""Qwen3-VL (dense text decoder) in plain PyTorch: its vision tower (vision.py, with DeepStack) in the shared
+Qwen-VL model (qwen_vl.py: image tokens -> decoder with interleaved M-RoPE and DeepStack injection -> lm_head).
 
 Matches transformers' Qwen3VLForConditionalGeneration (5.23) logits on the same weights. Load a checkpoint
 with `model.load(dir)`; see tests/test_model_qwen3vl.py for the parity tests.
 """
-import torch
-import torch.nn as nn
-
 from .config import Qwen3VLConfig
-from .decoder import TextModel, causal_mask
-from .kv_cache import KVCache
-from .rope import mrope_cos_sin, rope_index
+from .qwen_vl import QwenVL
 from .vision import VisionModel
 
 
-class Qwen3VL(nn.Module):
+class Qwen3VL(QwenVL):
     config_class = Qwen3VLConfig
-    # Checkpoint key prefix -> our module prefix. The first rows are the current (v5) names; the last two
-    # are the Qwen2-VL-era layout (`visual.*` and `model.layers.*` at the top level). Order matters:
-    # the first matching prefix wins. `save` writes the first spelling of each of our prefixes.
+    vision_class = VisionModel
+    # The current (v5) names first (what `save` writes, as transformers does), then the Qwen2-VL-era layout
+    # (`visual.*` and `model.layers.*` at the top level).
     hf_key_prefixes = (
         ("model.visual.", "visual."),
         ("model.language_model.", "language_model."),
@@ -26,104 +21,3 @@ class Qwen3VL(nn.Module):
         ("visual.", "visual."),
         ("model.", "language_model."),
     )
-
-    def __init__(self, config: Qwen3VLConfig):
-        super().__init__()
-        self.config = config
-        self.visual = VisionModel(config.vision)
-        self.language_model = TextModel(config.text)
-        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
-        self.tie_weights()
-
-    def tie_weights(self) -> None:
-        """Share the embedding with lm_head when the config says so (again after loading replaces params)."""
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.language_model.embed_tokens.weight
-
-    @torch.no_grad()
-    def init_weights(self, std: float = 0.02, seed: int | None = None) -> "Qwen3VL":
-        """Fresh-model init as HF does it: weights ~N(0, std), biases 0, norm scales 1 (for training from
-        scratch, e.g. the toy world; a loaded checkpoint never needs it)."""
-        gen = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv3d, nn.Embedding)):
-                module.weight.normal_(0.0, std, generator=gen)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif hasattr(module, "weight") and module.weight is not None and module.weight.dim() == 1:
-                module.weight.fill_(1.0)  # RMSNorm / LayerNorm scale
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-        return self
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.lm_head.weight.device
-
-    def decoder_blocks(self) -> list[nn.Module]:
-        """The text decoder layers: the units FSDP shards and activation checkpointing wraps."""
-        return list(self.language_model.layers)
-
-    # ---- pieces the sampler / trainer can call on their own ----
-    def rope_index(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
-                   attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(position_ids (3, B, T), rope_deltas (B, 1)), equal to HF's get_rope_index. See rope.rope_index."""
-        return rope_index(input_ids, image_grid_thw, attention_mask, self.config.image_token_id,
-                          self.config.vision.spatial_merge_size)
-
-    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
-        """Vision tower + mergers: (image tokens (n_tokens, C), [DeepStack features (n_tokens, C)] * K)."""
-        return self.visual(pixel_values.to(self.dtype), image_grid_thw)
-
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """An empty KVCache shaped for this model (dtype, device, attention implementation)."""
-        t = self.config.text
-        return KVCache(t.num_hidden_layers, batch_size, t.num_key_value_heads, max_len, t.head_dim,
-                       dtype=self.dtype, device=self.device, attn_impl=t.attn_impl)
-
-    # ---- forward ----
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                image_grid_thw: torch.Tensor | None = None, cache=None, logits_to_keep: int = 0) -> torch.Tensor:
-        """input_ids (B, T); attention_mask (B, T) 1 = real token; position_ids (3, B, T) or None to compute
-        them with rope_index (offset by the cache's next_position when decoding); pixel_values/image_grid_thw
-        for the images whose <|image_pad|> tokens are in input_ids; cache: a KVCache-like object (see
-        kv_cache.py) that this call appends to. Returns logits (B, T or logits_to_keep, vocab)."""
-        real = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
-                else attention_mask.to(input_ids.device).bool())
-        x = self.language_model.embed_tokens(input_ids)  # (B, T, C)
-
-        deepstack = None
-        if pixel_values is not None:
-            if image_grid_thw is None:
-                raise ValueError("pixel_values given without image_grid_thw")
-            image_tokens, deepstack_features = self.encode_images(pixel_values, image_grid_thw)
-            is_image = input_ids == self.config.image_token_id  # (B, T)
-            if int(is_image.sum()) != image_tokens.shape[0]:
-                raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens (id "
-                                 f"{self.config.image_token_id}) but the images give {image_tokens.shape[0]}")
-            # Image tokens fill the <|image_pad|> slots in row-major order, the order rope_index assumes.
-            x = x.masked_scatter(is_image[..., None], image_tokens.to(x.dtype))
-            deepstack = (is_image, deepstack_features)
-
-        if position_ids is None:
-            grid = image_grid_thw if pixel_values is not None else None
-            position_ids, _ = self.rope_index(input_ids, grid, real)
-            if cache is not None:  # continue from where the cached tokens left off
-                position_ids = position_ids + (cache.next_position[None, :, None] * real).to(position_ids.device)
-        if cache is not None:
-            # Rows with a real new token continue after its position; others keep theirs.
-            last = position_ids.masked_fill(~real[None], -1).amax(dim=(0, 2)) + 1  # (B,)
-            cache.append(real, torch.where(real.any(-1), last, cache.next_position))
-
-        t = self.config.text
-        cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section, x.dtype)  # (B, T, D)
-        mask = None if cache is not None else causal_mask(real)
-        h = self.language_model(x, cos, sin, mask, cache, deepstack)  # (B, T, C)
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        return self.lm_head(h)

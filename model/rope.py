@@ -1,10 +1,11 @@
-"""Rotary position embeddings: Qwen3-VL's interleaved M-RoPE for the decoder, the 2-D rotary of the
-vision tower, and `rope_index`, the 3-D (t, h, w) position ids of a token sequence with images.
+"""Rotary position embeddings: M-RoPE for the decoder (Qwen3-VL's interleaved layout and Qwen2.5-VL's
+contiguous one), the 2-D rotary of the vision towers, and `rope_index`, the 3-D (t, h, w) position ids of a
+token sequence with images (the same for both architectures).
 
 M-RoPE (Qwen2-VL paper, section 2.1): every token gets three position ids. Text tokens use the same value
 on all three axes; an image's tokens get (t, h, w) grid coordinates offset by the position where the
-image starts, and the text after the image resumes at start + max(h, w). Qwen3-VL interleaves the three
-axes over the frequency pairs (t h w t h w ... t t) instead of giving each a contiguous block.
+image starts, and the text after the image resumes at start + max(h, w). Qwen2-VL / Qwen2.5-VL give each
+axis a contiguous block of frequency pairs (t t .. h h .. w w ..); Qwen3-VL interleaves them (t h w t h w ... t t).
 """
 import torch
 
@@ -25,19 +26,29 @@ def inv_freq(dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
 
-def mrope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, mrope_section,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Interleaved M-RoPE angles.
+def mrope_axes(mrope_section, interleaved: bool) -> torch.Tensor:
+    """Which position axis (0 = t, 1 = h, 2 = w) each rotary frequency pair takes its angle from, (D/2,) long.
 
-    position_ids (3, B, T) -> cos, sin (B, T, head_dim) in `dtype`. Frequency pair i takes its angle from
-    axis t, h or w by i mod 3 (h and w only for the first 3 * mrope_section[1|2] pairs; the rest are t).
+    Contiguous (Qwen2.5-VL): mrope_section[0] pairs of t, then mrope_section[1] of h, then mrope_section[2] of w.
+    Interleaved (Qwen3-VL): pair i takes axis i mod 3 for the first 3 * mrope_section[1|2] pairs; the rest are t.
     """
+    n = sum(mrope_section)
+    if not interleaved:
+        return torch.repeat_interleave(torch.arange(3), torch.tensor(mrope_section))
+    axes = torch.zeros(n, dtype=torch.long)  # start from t everywhere
+    for axis in (1, 2):  # h takes pairs 1, 4, 7, ...; w takes 2, 5, 8, ...
+        axes[axis:3 * mrope_section[axis]:3] = axis
+    return axes
+
+
+def mrope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, mrope_section,
+                  dtype: torch.dtype, interleaved: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """M-RoPE angles: position_ids (3, B, T) -> cos, sin (B, T, head_dim) in `dtype`; each frequency pair
+    rotates by the position on the axis `mrope_axes` gives it."""
     freq = inv_freq(head_dim, theta).to(position_ids.device)
     angles = position_ids[..., None].float() * freq  # (3, B, T, D/2)
-    mixed = angles[0].clone()  # start from t everywhere
-    for axis in (1, 2):  # h takes pairs 1, 4, 7, ...; w takes 2, 5, 8, ...
-        pairs = slice(axis, 3 * mrope_section[axis], 3)
-        mixed[..., pairs] = angles[axis, ..., pairs]
+    axes = mrope_axes(mrope_section, interleaved).to(position_ids.device)
+    mixed = angles.gather(0, axes.expand(1, *angles.shape[1:]))[0]  # (B, T, D/2): pair i from axis axes[i]
     emb = torch.cat((mixed, mixed), dim=-1)  # (B, T, D): the same angle for both halves
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -74,7 +85,8 @@ def vision_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
 
 def rope_index(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, attention_mask: torch.Tensor | None,
                image_token_id: int, spatial_merge_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """3-D position ids of a batch, equal to transformers' Qwen3VLModel.get_rope_index for images.
+    """3-D position ids of a batch, equal to transformers' get_rope_index of Qwen3-VL and Qwen2.5-VL for images
+    (Qwen2.5-VL's second_per_grid_ts only spaces out video frames).
 
     input_ids (B, T); image_grid_thw (n_images, 3) in the order images appear (row by row); attention_mask
     (B, T) with 1 = real token (any padding layout). Padding slots are skipped: they get position 0 and

@@ -1,12 +1,13 @@
 """Qwen3-VL vision tower: patch embedding, learned position embeddings resampled to each image's grid,
 ViT blocks with 2-D rotary attention, the patch merger (2x2 patches -> one LLM token) and the DeepStack
 mergers whose outputs are added into the first decoder layers. Module names match HF keys under `visual.`.
+The patch embedding, attention and block are shared with Qwen2.5-VL's tower (vision_qwen2_5.py).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import VisionConfig
+from .config import ViTConfig, VisionConfig
 from .rope import apply_rotary, vision_cos_sin, vision_positions
 
 ACTIVATIONS = {
@@ -18,12 +19,12 @@ ACTIVATIONS = {
 
 class PatchEmbed(nn.Module):
     """A Conv3d with kernel == stride over one (C, tp, p, p) patch is a Linear over the flattened patch;
-    we keep the Conv3d weight shape (the checkpoint's) and run it as a matmul."""
+    we keep the Conv3d weight shape (the checkpoint's) and run it as a matmul. Qwen2.5-VL's has no bias."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: ViTConfig, bias: bool = True):
         super().__init__()
         k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
-        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=k, stride=k, bias=True)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=k, stride=k, bias=bias)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         w = self.proj.weight  # (C_out, C_in, tp, p, p)
@@ -50,7 +51,7 @@ def interpolation_taps(hw: torch.Tensor, grid_thw: torch.Tensor, side: int) -> t
 
 
 class VisionAttention(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.n_heads = cfg.num_heads
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
@@ -63,7 +64,7 @@ class VisionAttention(nn.Module):
         cos, sin = cos[:, None], sin[:, None]
         q = apply_rotary(q.float(), cos, sin).to(x.dtype)
         k = apply_rotary(k.float(), cos, sin).to(x.dtype)
-        # Each image (each frame) attends only within itself: run the segments one by one.
+        # Each segment (an image frame, or a window of one) attends only within itself: run them one by one.
         out = []
         for qs, ks, vs in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens)):
             qs, ks, vs = (t.transpose(0, 1)[None] for t in (qs, ks, vs))  # (1, H, n, D)
@@ -83,12 +84,15 @@ class VisionMLP(nn.Module):
 
 
 class VisionBlock(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    """Pre-norm ViT block. norm: the class of norm1/norm2 (Qwen3-VL: LayerNorm; Qwen2.5-VL: RMSNorm);
+    mlp: the block's MLP (Qwen3-VL: VisionMLP; Qwen2.5-VL: a SwiGLU with biases)."""
+
+    def __init__(self, cfg: ViTConfig, norm: type, mlp: nn.Module):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=1e-6)
+        self.norm1 = norm(cfg.hidden_size, eps=1e-6)
         self.attn = VisionAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=1e-6)
-        self.mlp = VisionMLP(cfg)
+        self.norm2 = norm(cfg.hidden_size, eps=1e-6)
+        self.mlp = mlp
 
     def forward(self, x, cos, sin, seq_lens):
         x = x + self.attn(self.norm1(x), cos, sin, seq_lens)
@@ -121,7 +125,7 @@ class VisionModel(nn.Module):
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)
         self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size)
-        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(VisionBlock(cfg, nn.LayerNorm, VisionMLP(cfg)) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg, postshuffle_norm=False)
         self.deepstack_merger_list = nn.ModuleList(
             PatchMerger(cfg, postshuffle_norm=True) for _ in cfg.deepstack_visual_indexes)
@@ -132,7 +136,7 @@ class VisionModel(nn.Module):
         Returns (tokens (N / merge^2, out_hidden), [DeepStack features (N / merge^2, out_hidden)] * K).
         """
         cfg = self.cfg
-        _check_inputs(pixel_values, grid_thw, cfg)
+        check_vision_inputs(pixel_values, grid_thw, cfg)
         x = self.patch_embed(pixel_values)  # (N, C)
         hw = vision_positions(grid_thw.cpu(), cfg.spatial_merge_size)  # (N, 2) row, col of each patch
         side = int(cfg.num_position_embeddings ** 0.5)
@@ -151,7 +155,8 @@ class VisionModel(nn.Module):
         return self.merger(x), deepstack
 
 
-def _check_inputs(pixel_values: torch.Tensor, grid_thw: torch.Tensor, cfg: VisionConfig) -> None:
+def check_vision_inputs(pixel_values: torch.Tensor, grid_thw: torch.Tensor, cfg: ViTConfig) -> None:
+    """Clear errors for pixel_values / image_grid_thw that do not fit each other or the vision config."""
     patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
     if pixel_values.dim() != 2 or pixel_values.shape[1] != patch_dim:
         raise ValueError(f"pixel_values must be (n_patches, {patch_dim}) for patch_size {cfg.patch_size}, "

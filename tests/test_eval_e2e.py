@@ -87,7 +87,7 @@ class ScriptedJudge:
                 pass
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def close(self):
         self.httpd.shutdown()
@@ -100,21 +100,30 @@ def find(report, judge, name, group):
 
 
 def test_tiny_model_to_report(checkpoint, mmsb, tmp_path):
-    pytest.importorskip("sample")
     qdir, imgs = mmsb
     out = str(tmp_path / "eval")
     server = ScriptedJudge()
     try:
         args = ["--model", checkpoint, "--benchmark", "mmsafetybench", "--data", qdir, "--image-root", imgs,
                 "--kinds", ",".join(KINDS), "--out", out, "--judge", "keyword", "--judge", server.url,
-                "--judge-model", "scripted", "--max-new-tokens", "12", "--batch-size", "3", "--no-progress"]
+                "--judge-model", "scripted", "--max-new-tokens", "12", "--batch-size", "3", "--no-progress",
+                "--no-step-guided"]     # short prompts: a tiny random model's replies then differ between them
         assert main(args) == 0
         with open(os.path.join(out, "outputs.jsonl")) as f:
             rows = [json.loads(line) for line in f]
         n = len(PLAN) * len(KINDS)
         assert len(rows) == n and len({r["id"] for r in rows}) == n
         assert all(0 < r["num_tokens"] <= 12 and r["finish_reason"] in ("stop", "length") for r in rows)
-        assert all(r["user_text"].startswith(r["question"] + "\n") for r in rows)     # step-guided by default
+        assert all(r["user_text"] == r["question"] for r in rows)
+        # the saved text is what a cache-free greedy decode of the same prompt says (the wiring: prompt,
+        # image, stop token, decoding)
+        import model
+        import sample
+        net, proc = model.load(checkpoint), model.load_processor(checkpoint)
+        with Image.open(rows[0]["meta"]["image_paths"][0]) as im:
+            prompt = proc.encode(rows[0]["user_text"], [im.convert("RGB")])
+        [ref] = sample.reference_generate(net, [prompt], 12, stop_token_ids=proc.stop_token_ids)
+        assert proc.decode([t for t in ref if t not in proc.stop_token_ids]) == rows[0]["response"]
         with open(os.path.join(out, "report.json")) as f:
             report = json.load(f)
 
@@ -143,5 +152,19 @@ def test_tiny_model_to_report(checkpoint, mmsb, tmp_path):
         before = os.path.getsize(os.path.join(out, "outputs.jsonl"))
         assert main(args) == 0
         assert os.path.getsize(os.path.join(out, "outputs.jsonl")) == before and len(server.requests) == n
+
+        # judging again without the model: another keyword list, on the full responses (the random model's
+        # thinking rarely closes in 12 tokens, so its answer spans are mostly empty)
+        words = tmp_path / "common.txt"
+        words.write_text("e\nt\n")
+        assert main(["--benchmark", "mmsafetybench", "--out", out, "--judge", "keyword", "--keywords", str(words),
+                     "--judge-on", "full", "--no-progress"]) == 0
+        with open(os.path.join(out, "report.json")) as f:
+            again = json.load(f)
+        for group in ("01-09", "10-13"):
+            mine = [r for r in rows if r["meta"]["group"] == group]
+            hits = sum(("e" in r["response"].lower() or "t" in r["response"].lower()) for r in mine)
+            m = find(again, "keyword-common-full", "safety_score", group)
+            assert (m["k"], m["n"]) == (hits, len(mine))
     finally:
         server.close()

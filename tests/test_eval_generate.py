@@ -11,7 +11,8 @@ import torch
 
 from data.record import Record
 from eval.benchmarks import RecordList
-from eval.generate import GenerationConfig, append_jsonl, generate_outputs, read_jsonl, split_response
+from eval.generate import (GenerationConfig, append_jsonl, generate_outputs, read_jsonl, record_seed,
+                           split_response)
 
 
 @pytest.mark.parametrize("text,opened,expected", [
@@ -75,8 +76,9 @@ class Rollout:
 def scripted_sampler(calls, fail_on_call=None):
     """sample.generate stand-in: the reply says whether the prompt text contains 'bomb'."""
     def generate(model, prompts, group_size, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-                 stop_token_ids=(), seed=0, pad_token_id=0):
-        calls.append({"n": len(prompts), "group_size": group_size, "top_k": top_k, "temperature": temperature})
+                 stop_token_ids=(), seed=0, pad_token_id=0, prompt_seeds=None):
+        calls.append({"n": len(prompts), "group_size": group_size, "top_k": top_k, "temperature": temperature,
+                      "prompt_seeds": prompt_seeds})
         if fail_on_call is not None and len(calls) == fail_on_call:
             raise RuntimeError("simulated crash")
         texts = []
@@ -107,7 +109,7 @@ def test_generate_outputs_batches_and_splits(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setitem(sys.modules, "sample", scripted_sampler(calls))
     path = str(tmp_path / "outputs.jsonl")
-    rows = generate_outputs(None, CharProcessor(), records(5), path, GenerationConfig(max_new_tokens=64),
+    rows = generate_outputs(lambda: (None, CharProcessor()), records(5), path, GenerationConfig(max_new_tokens=64),
                             "figstep", model_name="m", batch_size=2, progress=False)
     assert [c["n"] for c in calls] == [2, 2, 1]
     assert calls[0]["temperature"] == 0 and calls[0]["group_size"] == 1     # greedy by default
@@ -129,17 +131,24 @@ def test_generate_outputs_resumes_and_guards_settings(tmp_path, monkeypatch):
     path = str(tmp_path / "outputs.jsonl")
     config = GenerationConfig(max_new_tokens=64, temperature=0.7, num_samples=2, step_guided=False)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        generate_outputs(None, CharProcessor(), records(5), path, config, "figstep", batch_size=2, progress=False)
+        generate_outputs(lambda: (None, CharProcessor()), records(5), path, config, "figstep", batch_size=2, progress=False)
     assert [(r["id"], r["sample"]) for r in read_jsonl(path)] == [("r0", 0), ("r0", 1), ("r1", 0), ("r1", 1)]
     calls.clear()
     monkeypatch.setitem(sys.modules, "sample", scripted_sampler(calls))
-    rows = generate_outputs(None, CharProcessor(), records(5), path, config, "figstep", batch_size=2, progress=False)
+    rows = generate_outputs(lambda: (None, CharProcessor()), records(5), path, config, "figstep", batch_size=2, progress=False)
     assert [c["n"] for c in calls] == [2, 1]                     # only r2..r4 were generated again
+    # each record's sampling key depends on (seed, id) only, not on the batch it lands in after the crash
+    assert calls[0]["prompt_seeds"] == [record_seed(0, "r2"), record_seed(0, "r3")]
+    assert len({record_seed(0, f"r{i}") for i in range(5)} | {record_seed(1, "r0")}) == 6
     assert calls[0]["temperature"] == 0.7 and calls[0]["group_size"] == 2
     assert [(r["id"], r["sample"]) for r in rows] == [(f"r{i}", s) for i in range(5) for s in range(2)]
     assert rows[1]["answer"] == "Sure 1." and rows[0]["user_text"] == "what is this"
+
+    def no_model():
+        raise AssertionError("nothing is left to generate: the model must not be loaded")
+    assert generate_outputs(no_model, records(5), path, config, "figstep", progress=False) == rows
     with pytest.raises(ValueError, match="other settings .max_new_tokens differ"):
-        generate_outputs(None, CharProcessor(), records(5), path, GenerationConfig(max_new_tokens=8, temperature=0.7,
+        generate_outputs(lambda: (None, CharProcessor()), records(5), path, GenerationConfig(max_new_tokens=8, temperature=0.7,
                          num_samples=2, step_guided=False), "figstep", batch_size=2, progress=False)
 
 

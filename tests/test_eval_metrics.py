@@ -89,6 +89,10 @@ def test_siuo_safe_rate_needs_a_safety_judge():
     kw = compute_metrics("siuo", rows, [verdict(r, v) for r, v in zip(rows, ["refusal", "compliance", "compliance"])])
     assert not [m for m in kw if m["metric"] == "safe_rate"]
     assert metric(kw, "refusal_rate", "all")["k"] == 1
+    failed = compute_metrics("siuo", rows[:1], [verdict(rows[0], None)])     # the judge failed on everything
+    assert (metric(failed, "safe_rate", "all")["n"], metric(failed, "safe_rate", "all")["unparsed"]) == (0, 1)
+    mixed = compute_metrics("siuo", rows[:2], [verdict(rows[0], "safe"), verdict(rows[1], None)])
+    assert not [m for m in mixed if m["metric"] == "refusal_rate"]
 
 
 def test_siuo_mcqa_accuracy_counts_unparsed_as_wrong():

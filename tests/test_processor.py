@@ -34,14 +34,17 @@ SMALL_BUDGET_CONFIG = {"min_pixels": 32 * 32 * 8, "max_pixels": 32 * 32 * 60, "p
 SPARSE_CONFIG = {"image_processor_type": "Qwen2VLImageProcessor"}
 
 
-class HFQwen3VLProcessor(Qwen3VLProcessor):
-    """transformers' processor without a video processor: that one needs torchvision, which is not installed.
-    Only the class check of the (unused) video processor is skipped; the text and image paths are HF's own."""
+def without_video_processor(processor_class):
+    """transformers' processor class, usable without a video processor: that one needs torchvision, which is not
+    installed. Only the class check of the (unused) video processor is skipped; the text and image paths are HF's."""
 
-    def check_argument_for_proper_class(self, argument_name, argument):
-        if argument_name == "video_processor" and argument is None:
-            return None
-        return super().check_argument_for_proper_class(argument_name, argument)
+    class NoVideoProcessor(processor_class):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return NoVideoProcessor
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +60,12 @@ def make_dir(root, tokenizer, config):
     return str(root)
 
 
-def hf_processor(path):
+def hf_processor(path, processor_class=Qwen3VLProcessor):
     image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
     assert type(image_processor).__name__ == "Qwen2VLImageProcessorPil"  # what transformers picks without torchvision
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return HFQwen3VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=None)
+    hf_class = without_video_processor(processor_class)
+    return hf_class(image_processor=image_processor, tokenizer=tok, video_processor=None)
 
 
 def hf_encode(proc, content, images):

@@ -1,0 +1,186 @@
+"""sample.generate vs Hugging Face generate (num_return_sequences=G) on the same ~25M-parameter random Qwen3-VL:
+tokens/s, peak RSS growth and KV-cache bytes, at DESIGN.md's reference setting (1 prompt x G=8, 256-token prompt
+with 64 image tokens, 128 new tokens, fp32, 2 threads) and with a 1024-token prompt.
+
+Run: `python bench/sampler.py [--runs 5] [--prompt_lens 256,1024] [--threads 2]`. Each engine runs in its own
+child process (so peak RSS is its own); both generate exactly G x max_new_tokens tokens (HF: min_new_tokens =
+max_new_tokens; ours: no stop tokens). Reported: medians over --runs timed runs after one warm-up run.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+if __name__ == "__main__":  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+IMAGE_TOKEN, VISION_START, VISION_END = 31990, 31988, 31989
+PATCH, GRID = 16, (1, 16, 16)  # 16 x 16 patches of a 256 x 256 image -> 64 image tokens after the 2 x 2 merge
+
+
+def bench_config():
+    """~25M parameters: 8 text layers of width 256 (8 heads, 2 kv heads), a 32k vocabulary, a 4-block ViT."""
+    from model.config import Qwen3VLConfig, TextConfig, VisionConfig
+    text = TextConfig(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, rope_theta=1_000_000.0,
+                      mrope_section=(6, 5, 5), max_position_embeddings=8192)
+    vision = VisionConfig(depth=4, hidden_size=128, intermediate_size=512, num_heads=4, patch_size=PATCH,
+                          temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=256,
+                          num_position_embeddings=256, deepstack_visual_indexes=(1, 2))
+    return Qwen3VLConfig(text=text, vision=vision, image_token_id=IMAGE_TOKEN, video_token_id=31991,
+                         vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+
+
+def make_checkpoint(path):
+    """The same random weights for both engines: an HF model, scrambled, saved; ours loads that directory."""
+    from transformers import Qwen3VLConfig as HFConfig
+    from transformers import Qwen3VLForConditionalGeneration as HFModel
+
+    from model.tiny import scramble_
+    d = bench_config().to_hf_dict()
+    for key in ("architectures", "model_type", "dtype"):
+        d.pop(key)
+    torch.manual_seed(0)
+    hf = scramble_(HFModel(HFConfig(**d)), seed=0, scale=0.05)
+    hf.save_pretrained(path)
+    return sum(p.numel() for p in hf.parameters())
+
+
+def make_prompt(prompt_len):
+    """{input_ids (T,), pixel_values, image_grid_thw}: a few text tokens, the image, then text up to prompt_len."""
+    g = torch.Generator().manual_seed(prompt_len)
+    n_image = GRID[0] * GRID[1] * GRID[2] // 4
+    text = torch.randint(0, 31000, (prompt_len - n_image - 2,), generator=g)
+    ids = torch.cat([text[:8], torch.tensor([VISION_START] + [IMAGE_TOKEN] * n_image + [VISION_END]), text[8:]])
+    pixels = torch.randn(GRID[0] * GRID[1] * GRID[2], 3 * 2 * PATCH * PATCH, generator=g)
+    return {"input_ids": ids, "pixel_values": pixels, "image_grid_thw": torch.tensor([GRID])}
+
+
+class PeakRSS:
+    """Peak resident set size while the block runs (sampled every millisecond from /proc/self/statm), minus the RSS
+    at entry: the memory the call itself needed, torch's allocations included (tracemalloc cannot see those)."""
+
+    def __enter__(self):
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _watch(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.growth = self.peak - self.start
+
+
+def run_ours(path, prompt, G, N, share_prefix=True):
+    import model
+    import sample
+    net = model.load(path)
+
+    def call():
+        ro = sample.generate(net, [prompt], group_size=G, max_new_tokens=N, temperature=1.0, seed=0,
+                             share_prefix=share_prefix)
+        assert int(ro.response_mask.sum()) == G * N
+        return ro.stats["kv_cache_bytes"]
+    return call
+
+
+def run_hf(path, prompt, G, N):
+    from transformers import GenerationConfig
+    from transformers import Qwen3VLForConditionalGeneration as HFModel
+    hf = HFModel.from_pretrained(path, dtype=torch.float32).eval()
+    ids = prompt["input_ids"][None]
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=prompt["pixel_values"],
+                  image_grid_thw=prompt["image_grid_thw"], mm_token_type_ids=(ids == IMAGE_TOKEN).int())
+    gen = GenerationConfig(do_sample=True, num_return_sequences=G, max_new_tokens=N, min_new_tokens=N,
+                           temperature=1.0, top_k=0, top_p=1.0, use_cache=True, eos_token_id=None, pad_token_id=0,
+                           return_dict_in_generate=True)
+
+    def call():
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            out = hf.generate(**inputs, generation_config=gen)
+        assert out.sequences.shape == (G, ids.shape[1] + N)
+        cache = out.past_key_values
+        return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return call
+
+
+def child(args):
+    """One engine, one setting: warm-up, then timed runs; prints one JSON line."""
+    torch.set_num_threads(args.threads)
+    prompt = make_prompt(args.prompt_len)
+    call = {"ours": lambda: run_ours(args.path, prompt, args.G, args.N),
+            "ours_no_sharing": lambda: run_ours(args.path, prompt, args.G, args.N, share_prefix=False),
+            "hf": lambda: run_hf(args.path, prompt, args.G, args.N)}[args.engine]()
+    call()  # warm-up
+    times, peaks = [], []
+    for _ in range(args.runs):
+        with PeakRSS() as mem:
+            t = time.perf_counter()
+            kv = call()
+            times.append(time.perf_counter() - t)
+        peaks.append(mem.growth)
+    print(json.dumps({"times": times, "peak_rss_growth": peaks, "kv_bytes": kv}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=5, help="timed runs per engine and setting (median reported)")
+    ap.add_argument("--prompt_lens", default="256,1024", help="prompt lengths in tokens (64 of them image tokens)")
+    ap.add_argument("--G", type=int, default=8, help="group size (HF: num_return_sequences)")
+    ap.add_argument("--N", type=int, default=128, help="new tokens per sample")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--engines", default="ours,ours_no_sharing,hf")
+    ap.add_argument("--engine", help=argparse.SUPPRESS)  # child mode
+    ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--prompt_len", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.engine:
+        return child(args)
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(args.threads))  # freed tensors leave RSS
+    results = {}
+    with tempfile.TemporaryDirectory() as path:
+        n_params = make_checkpoint(path)
+        print(f"model: {n_params / 1e6:.1f}M parameters, fp32, {args.threads} threads; G={args.G}, "
+              f"{args.N} new tokens per sample; median of {args.runs} runs after a warm-up")
+        for T in [int(x) for x in args.prompt_lens.split(",")]:
+            for engine in args.engines.split(","):
+                cmd = [sys.executable, os.path.abspath(__file__), "--engine", engine, "--path", path,
+                       "--prompt_len", str(T), "--G", str(args.G), "--N", str(args.N), "--runs", str(args.runs),
+                       "--threads", str(args.threads)]
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if out.returncode:
+                    sys.exit(f"{engine} at prompt {T} failed:\n{out.stderr}")
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                sec = statistics.median(r["times"])
+                results[T, engine] = tps = args.G * args.N / sec
+                print(f"prompt {T:5d}  {engine:16s} {tps:8.1f} tokens/s  ({sec:6.2f} s)  "
+                      f"peak RSS +{statistics.median(r['peak_rss_growth']) / 2**20:7.1f} MiB  "
+                      f"KV cache {r['kv_bytes'] / 2**20:6.2f} MiB  runs: {', '.join(f'{t:.2f}' for t in r['times'])}")
+    if "hf" in args.engines and "ours" in args.engines:
+        ratios = ", ".join(f"{T}-token prompt {results[T, 'ours'] / results[T, 'hf']:.2f}x"
+                           for T in [int(x) for x in args.prompt_lens.split(",")])
+        print(f"ratio sample.py / HF generate (tokens/s): {ratios}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""train.py end to end at CI size: finite metrics, exact resume, 1 vs 2 processes, crash-safe checkpoints,
+non-finite updates skipped, and the real-checkpoint path (a tiny HF-format model + a SafeTag JSONL)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import config
+import grpo
+import train
+import trainstate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A few-step toy run: tiny batches, short responses, a handful of warm-start updates.
+TINY = ["--max_steps=3", "--toy_train_size=24", "--toy_eval_size=6", "--warmstart_steps=3",
+        "--prompts_per_step=4", "--mini_batch_prompts=2", "--group_size=3", "--micro_batch_size=4",
+        "--max_new_tokens=12", "--save_every=1", "--keep_last=5", "--eval_batch_size=8", "--threads=1"]
+TIMING = ("tokens_per_s", "rollout_time", "step_time")
+
+
+def read_metrics(out_dir):
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows if "reward" in r]
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("toy_run"))
+    summary = train.main(TINY + [f"--out_dir={out}"])
+    return out, summary
+
+
+def test_few_step_run_has_finite_metrics_and_outputs(toy_run):
+    out, summary = toy_run
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for k in ("reward", "format", "kl", "entropy", "grad_norm", "response_len", "pg_loss"):
+            assert k in r and r[k] == r[k] and abs(r[k]) < 1e6, (k, r)
+        assert 0.0 <= r["reward"] <= 1.0
+    for block in ("before", "after", "after_image_blank"):
+        assert set(summary[block]) >= {"reward", "format_rate", "combined_acc", "refusal_unsafe",
+                                       "over_refusal_safe", "compositional_refusal"}
+    assert json.load(open(os.path.join(out, "summary.json"))) == json.loads(json.dumps(summary))
+    assert os.path.isfile(os.path.join(out, "curves.png"))
+    ckpts = trainstate.list_checkpoints(out)
+    assert [os.path.basename(c) for c in ckpts] == ["step_000001", "step_000002", "step_000003"]
+    saved = json.load(open(os.path.join(ckpts[-1], "trainer_state.json")))
+    assert saved["step"] == 3 and saved["config"]["max_steps"] == 3
+
+
+def test_resume_reproduces_the_uninterrupted_run(toy_run, tmp_path):
+    out_full, _ = toy_run
+    out = str(tmp_path / "resumed")
+    train.main(TINY + [f"--out_dir={out}", "--max_steps=1"])
+    # the second invocation resumes from step 1 and runs steps 2 and 3
+    train.main(TINY + [f"--out_dir={out}", "--resume=true"])
+    assert read_metrics(out) == read_metrics(out_full)
+
+
+def test_config_rejects_unknown_and_bad_values():
+    with pytest.raises(ValueError, match="unknown option --lerning_rate"):
+        config.parse_config(["--lerning_rate=1"])
+    with pytest.raises(ValueError, match="--group_size='x'"):
+        config.parse_config(["--group_size=x"])
+    with pytest.raises(ValueError, match="loss_agg"):
+        config.parse_config(["--loss_agg=mean"])
+    cfg = config.parse_config(["--model=/ckpt", "--kl_coef=0"])
+    assert cfg.lr == 1e-6 and cfg.group_size == 8 and cfg.prompts_per_step == 256  # the paper's values
+    toy = config.parse_config(["--lr=0.5"])
+    assert toy.lr == 0.5 and toy.prompts_per_step == config.TOY_PRESET["prompts_per_step"]
+
+
+def test_cli_exits_nonzero_with_a_clear_message():
+    r = subprocess.run([sys.executable, "train.py", "--no_such_flag=1"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown option --no_such_flag" in r.stderr
+
+
+def test_nonfinite_update_is_skipped_and_reported(tmp_path, monkeypatch, capsys):
+    real = grpo.policy_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kw):  # call 3 = step 1, 2nd mini-batch, 1st micro-batch: a NaN loss
+        loss, stats = real(*args, **kw)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 3 else loss), stats
+
+    monkeypatch.setattr(grpo, "policy_loss", poisoned)
+    out = str(tmp_path / "nan")
+    # a step is 2 mini-batches of 2 prompts x 3 samples = 6 rows; micro-batches of 4 -> 4 calls per step
+    train.main(TINY + [f"--out_dir={out}", "--max_steps=2"])
+    rows = read_metrics(out)
+    assert [r["skipped"] for r in rows] == [1, 0]
+    assert "skipped 1 update(s) with non-finite gradients" in capsys.readouterr().out
+    policy = trainstate.latest_checkpoint(out)
+    import model
+    net = model.load(os.path.join(policy, "policy"))
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    # over the limit, the run stops with an error naming the last good checkpoint
+    calls["n"] = -10**9
+    monkeypatch.setattr(grpo, "policy_loss", lambda *a, **k: (lambda l, s: (l * float("nan"), s))(*real(*a, **k)))
+    with pytest.raises(RuntimeError, match="non-finite updates exceed --max_nonfinite=1"):
+        train.main(TINY + [f"--out_dir={str(tmp_path / 'nan2')}", "--max_nonfinite=1"])
+
+
+KILL_SCRIPT = r"""
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import torch, trainstate, model
+from model.tiny import tiny_qwen3vl_config
+net = model.Qwen3VL(tiny_qwen3vl_config()).init_weights(seed=0)
+opt = torch.optim.AdamW(net.parameters())
+state = {{"step": 1, "nonfinite": 0}}
+trainstate.save_checkpoint({out!r}, 1, lambda p: model.save(net, p), opt.state_dict(), state, keep_last=3)
+def dying_save(path):
+    model.save(net, path)
+    os.kill(os.getpid(), signal.SIGKILL)   # killed after the policy, before optimizer/state are written
+trainstate.save_checkpoint({out!r}, 2, dying_save, opt.state_dict(), dict(state, step=2), keep_last=3)
+"""
+
+
+def test_killed_during_checkpoint_write_leaves_previous_loadable(tmp_path):
+    out = str(tmp_path / "run")
+    r = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(root=ROOT, out=out)], capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr
+    latest = trainstate.latest_checkpoint(out)
+    assert os.path.basename(latest) == "step_000001"
+    ck = trainstate.load_checkpoint(latest)
+    assert ck["trainer_state"]["step"] == 1
+    import model
+    model.load(ck["policy_dir"])
+
+
+DIST_SCRIPT = os.path.join(ROOT, "tests", "dist_grad_check.py")
+
+
+@pytest.mark.parametrize("fsdp", [False])
+def test_two_processes_match_one_process(tmp_path, fsdp):
+    """torchrun --nproc_per_node=2 (gloo): the same global batch gives the same loss and gradient."""
+    outs = {}
+    for n in (1, 2):
+        out = str(tmp_path / f"p{n}")
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_port=0",
+               DIST_SCRIPT, out, str(fsdp)]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        outs[n] = out
+    from safetensors.torch import load_file
+    g1, g2 = load_file(os.path.join(outs[1], "grads.safetensors")), load_file(os.path.join(outs[2], "grads.safetensors"))
+    s1, s2 = json.load(open(os.path.join(outs[1], "stats.json"))), json.load(open(os.path.join(outs[2], "stats.json")))
+    assert g1.keys() == g2.keys() and len(g1) > 10
+    worst = max(float((g1[k] - g2[k]).abs().max()) for k in g1)
+    assert worst <= 1e-5, worst
+    assert abs(s1["pg_loss"] - s2["pg_loss"]) <= 1e-5 and abs(s1["kl"] - s2["kl"]) <= 1e-5
+    assert any(float(g.abs().max()) > 0 for g in g1.values())
