@@ -99,10 +99,13 @@ def step_prompt_ids(step: int, n_records: int, cfg: Config) -> list[int]:
 
 # ----------------------------------------------------------------------------- batches and log-probs
 
-def collate(prompts: list[dict], response_ids: torch.Tensor, response_mask: torch.Tensor, pad_id: int, device):
+def collate(prompts: list[dict], response_ids: torch.Tensor, response_mask: torch.Tensor, pad_id: int, device,
+            rope_index, image_token_id: int):
     """[left-padded prompt | right-padded response] rows; the response occupies the last R columns.
 
-    prompts[i] is row i's Processor.encode output; response_* are (b, R)."""
+    prompts[i] is row i's Processor.encode output; response_* are (b, R). Positions and image slots come
+    from the prompt alone and response positions continue as text, exactly as the sampler decoded them:
+    a sampled <|image_pad|> id in a response is text, not a request for image features."""
     b, R = response_ids.shape
     P = max(p["input_ids"].numel() for p in prompts)
     input_ids = torch.full((b, P + R), pad_id, dtype=torch.long)
@@ -114,18 +117,27 @@ def collate(prompts: list[dict], response_ids: torch.Tensor, response_mask: torc
     input_ids[:, P:] = torch.where(response_mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
     attention_mask[:, P:] = response_mask.long()
     pix = [p["pixel_values"] for p in prompts if p.get("pixel_values") is not None]
-    grid = [p["image_grid_thw"] for p in prompts if p.get("image_grid_thw") is not None]
+    grid = torch.cat([p["image_grid_thw"] for p in prompts if p.get("image_grid_thw") is not None] or
+                     [torch.zeros(0, 3, dtype=torch.long)])
+    prompt_real = attention_mask[:, :P].bool()
+    prompt_pos, _ = rope_index(input_ids[:, :P], grid if len(grid) else None, prompt_real)  # (3, b, P)
+    next_pos = prompt_pos.masked_fill(~prompt_real[None], -1).amax(dim=(0, 2)) + 1  # (b,)
+    response_pos = (next_pos[:, None] + torch.arange(R))[None].expand(3, b, R)
+    image_mask = torch.zeros((b, P + R), dtype=torch.bool)
+    image_mask[:, :P] = (input_ids[:, :P] == image_token_id) & prompt_real
     return dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                pixel_values=torch.cat(pix).to(device) if pix else None,
-                image_grid_thw=torch.cat(grid).to(device) if grid else None)
+                position_ids=torch.cat([prompt_pos, response_pos], dim=2).to(device),
+                image_mask=image_mask.to(device), pixel_values=torch.cat(pix).to(device) if pix else None,
+                image_grid_thw=grid.to(device) if len(grid) else None)
 
 
 def response_logprobs(model, batch: dict, response_ids: torch.Tensor, temperature: float):
     """Log-probs of the response tokens under `model` (b, R), and the logits they came from."""
     R = response_ids.shape[1]
     # logits at column t predict token t+1: the R response tokens are predicted by the R columns before them
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
-                   image_grid_thw=batch["image_grid_thw"], logits_to_keep=R + 1)[:, :-1]
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                   pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                   image_mask=batch["image_mask"], logits_to_keep=R + 1)[:, :-1]
     return grpo.token_logprobs(logits, response_ids, temperature=temperature), logits
 
 
@@ -276,7 +288,9 @@ def micro_logprobs(model, prompts, ro, rows: list[int], cfg: Config, device, pad
     R = max(1, int(mask.sum(1).max()))
     resp = ro.response_ids[rows][:, :R]
     mask = mask[:, :R]
-    batch = collate([prompts[int(ro.prompt_index[r])] for r in rows], resp, mask, pad_id, device)
+    net = getattr(model, "module", model)  # DDP keeps the model in .module
+    batch = collate([prompts[int(ro.prompt_index[r])] for r in rows], resp, mask, pad_id, device,
+                    net.rope_index, net.config.image_token_id)
     with autocast_ctx(cfg, device):
         logp, logits = response_logprobs(model, batch, resp.to(device), cfg.temperature)
     return logp, logits, resp.to(device), mask.to(device).float()

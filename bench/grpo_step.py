@@ -32,13 +32,14 @@ SEED = 0
 # ----------------------------------------------------------------------------- the shared checkpoint
 
 def reference_config(vocab_size: int, special: dict):
-    """~27M parameters: a 6-layer, 512-wide text decoder (SwiGLU 1024) and a 4-block, 256-wide ViT (patch 16, DeepStack x2)."""
+    """~25M parameters, the shape bench/sampler.py uses: 8 text layers of width 256 (8 heads, 2 kv heads), a 32k
+    vocabulary (two thirds of the parameters, as in small Qwen models), a 4-block ViT of width 128."""
     from model.config import Qwen3VLConfig, TextConfig, VisionConfig
-    text = TextConfig(vocab_size=vocab_size, hidden_size=512, intermediate_size=1024, num_hidden_layers=6,
-                      num_attention_heads=8, num_key_value_heads=4, head_dim=64, rope_theta=1e6,
-                      mrope_section=(12, 10, 10), max_position_embeddings=4096)
-    vision = VisionConfig(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, patch_size=16,
-                          temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=512,
+    text = TextConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, rope_theta=1_000_000.0,
+                      mrope_section=(6, 5, 5), max_position_embeddings=8192)
+    vision = VisionConfig(depth=4, hidden_size=128, intermediate_size=512, num_heads=4, patch_size=16,
+                          temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=256,
                           num_position_embeddings=256, deepstack_visual_indexes=(1, 2))
     return Qwen3VLConfig(text=text, vision=vision, image_token_id=special["<|image_pad|>"],
                          video_token_id=special["<|video_pad|>"], vision_start_token_id=special["<|vision_start|>"],
@@ -46,16 +47,16 @@ def reference_config(vocab_size: int, special: dict):
 
 
 def tokenizer_corpus() -> list[str]:
-    """The toy world's strings plus seeded pseudo-words, enough for a few thousand BPE merges."""
+    """The toy world's strings plus seeded pseudo-words: enough text for a 32k byte-level BPE vocabulary."""
     from data import toy
     rng = random.Random(SEED)
-    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
-    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(3000)]
-    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(4000)]
+    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou", "y")]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(40000)]
+    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(40000)]
     return toy.corpus() + lines
 
 
-def build_checkpoint(path: str, vocab_size: int = 4096) -> str:
+def build_checkpoint(path: str, vocab_size: int = 32000) -> str:
     """Random-weight Qwen3-VL + tokenizer + image settings, in the HF layout both sides load. Built once."""
     import torch
 
@@ -65,7 +66,7 @@ def build_checkpoint(path: str, vocab_size: int = 4096) -> str:
     if os.path.isfile(os.path.join(path, "generation_config.json")):
         return path
     tok = build_tokenizer(tokenizer_corpus(), vocab_size)
-    cfg = reference_config(len(tok), special_token_ids(tok))
+    cfg = reference_config(vocab_size, special_token_ids(tok))
     torch.manual_seed(SEED)
     net = vlm.Qwen3VL(cfg).init_weights(std=0.02, seed=SEED)
     vlm.save(net, path)
@@ -98,9 +99,81 @@ def make_prompt(processor, image) -> str:
     return text
 
 
+# ----------------------------------------------------------------------------- where the time goes (--profile)
+
+class Phases:
+    """Wall and CPU seconds per named phase, by wrapping functions in place (a phase's time includes the phases
+    nested in it), and how many MiB each phase raised the peak RSS by (the phase that sets the peak shows it).
+    reset() after the warm-up steps, so the totals cover the timed steps only."""
+
+    def __init__(self):
+        self.totals, self.rss, self.active = {}, {}, False
+
+    def wrap(self, owner, name: str, label):
+        """Time owner.name under `label` (a string, or a function of the call's arguments giving one)."""
+        fn = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            key = label(*args, **kwargs) if callable(label) else label
+            w, c, m = time.perf_counter(), time.process_time(), _rss_mib()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                # the peak is usually set in the warm-up step, so this one is kept from the first call on
+                self.rss[key] = max(self.rss.get(key, 0.0), _rss_mib() - m)
+                if self.active:
+                    t = self.totals.setdefault(key, [0.0, 0.0])
+                    t[0] += time.perf_counter() - w
+                    t[1] += time.process_time() - c
+        setattr(owner, name, timed)
+
+    def reset(self):
+        self.totals, self.active = {}, True
+
+
+PHASES = Phases()
+
+
+def profile_ours(ref_holder: dict):
+    import torch
+
+    import grpo
+    import sample
+    import train
+    P = PHASES
+    P.wrap(train, "encode_records", "prompt encoding (chat template, image patches)")
+    P.wrap(train, "rollout", "rollout total (generate + decode + reward)")
+    P.wrap(sample, "prefill", "  prefill (vision + prompt)")
+    P.wrap(sample, "decode_one_token", "  decode forwards")
+    P.wrap(sample, "sample", "  sampling (softmax, cumsum)")
+    P.wrap(train, "micro_logprobs", lambda model, *a, **k:
+           "reference forward" if model is ref_holder.get("ref") else "policy forward (+ log-probs)")
+    P.wrap(grpo, "policy_loss", "loss (clip, KL, entropy)")
+    P.wrap(torch.Tensor, "backward", "backward")
+    P.wrap(torch.nn.utils, "clip_grad_norm_", "grad clip")
+    P.wrap(torch.optim.AdamW, "step", "optimizer step")
+
+
+def profile_trl():
+    import torch
+    import trl.trainer.grpo_trainer as G
+    from accelerate import Accelerator
+    P = PHASES
+    P.wrap(G.GRPOTrainer, "_tokenize_prompts", "prompt encoding (chat template, image patches)")
+    P.wrap(G.GRPOTrainer, "_generate_and_score_completions", "rollout total (generate + decode + reward)")
+    P.wrap(G.GRPOTrainer, "_generate_single_turn", "  generate (HF, batch G, KV cache)")
+    P.wrap(G.GRPOTrainer, "_calculate_rewards", "  reward")
+    P.wrap(G.GRPOTrainer, "_get_per_token_logps_and_entropies", lambda self, model, *a, **k:
+           "reference forward" if model is self.ref_model else "policy forward (+ log-probs)")
+    P.wrap(G.GRPOTrainer, "compute_loss", "loss incl. policy forward")
+    P.wrap(Accelerator, "backward", "backward")
+    P.wrap(Accelerator, "clip_grad_norm_", "grad clip")
+    P.wrap(torch.optim.AdamW, "step", "optimizer step")
+
+
 # ----------------------------------------------------------------------------- one side, in a child process
 
-def run_ours(ckpt: str, kl: float, steps: int, warmup: int, threads: int) -> dict:
+def run_ours(ckpt: str, kl: float, steps: int, warmup: int, threads: int, profile: bool = False) -> dict:
     """The real training code: train.rollout -> grpo.group_advantages -> train.train_on_rollouts, as main() runs a step."""
     import torch
 
@@ -124,12 +197,16 @@ def run_ours(ckpt: str, kl: float, steps: int, warmup: int, threads: int) -> dic
                     subset="bench", meta={})
     wrapped, net = train.build_policy(ckpt, cfg, device, world=1)
     ref_model = train.build_reference(ckpt, cfg, device) if kl > 0 else None
+    if profile:
+        profile_ours({"ref": ref_model})
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = train.make_scheduler(optimizer, cfg, steps + warmup)
     reward_fn = rewards.resolve_reward("paper")
     rss_loaded = _rss_mib()
     net.train()
-    ends, lengths = [time.perf_counter()], []
+    ends, cpus, lengths = [time.perf_counter()], [time.process_time()], []
+    if profile and warmup == 0:
+        PHASES.reset()
     for step in range(warmup + steps):
         prompts = train.encode_records(processor, [record], cfg)  # main() encodes every step, as TRL does
         with train.Rollout_policy(wrapped, net, False) as pol:
@@ -138,11 +215,14 @@ def run_ours(ckpt: str, kl: float, steps: int, warmup: int, threads: int) -> dic
         train.train_on_rollouts(wrapped, ref_model, optimizer, scheduler, prompts, ro, advantages, cfg, device,
                                 1, processor.pad_token_id)
         ends.append(time.perf_counter())
+        cpus.append(time.process_time())
         lengths.append(float(ro.response_mask.sum(1).mean()))
-    return _result(ends, warmup, lengths, rss_loaded, prompt_len=prompts[0]["input_ids"].numel())
+        if profile and step == warmup - 1:
+            PHASES.reset()
+    return _result(ends, cpus, warmup, lengths, rss_loaded, prompt_len=prompts[0]["input_ids"].numel())
 
 
-def run_trl(ckpt: str, kl: float, steps: int, warmup: int, threads: int) -> dict:
+def run_trl(ckpt: str, kl: float, steps: int, warmup: int, threads: int, profile: bool = False) -> dict:
     """TRL 1.16 GRPOTrainer, configured as fast as it goes on CPU: no gradient checkpointing (on by default in
     TRL), fp32 (bf16 is TRL's default), KV cache on (transformers' dynamic cache), no logging or saving, and
     every generation exactly NEW_TOKENS long (min_new_tokens)."""
@@ -200,31 +280,44 @@ def run_trl(ckpt: str, kl: float, steps: int, warmup: int, threads: int) -> dict
         logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=0, shuffle_dataset=False, log_completions=False, seed=SEED)
 
-    ends, lengths = [], []
+    ends, cpus, lengths = [], [], []
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
             ends.append(time.perf_counter())
+            cpus.append(time.process_time())
+            if profile and warmup == 0:
+                PHASES.reset()
 
         def on_step_end(self, *a, **k):
             ends.append(time.perf_counter())
+            cpus.append(time.process_time())
+            if profile and len(ends) == warmup + 1:
+                PHASES.reset()
             lengths.append(trainer._metrics["train"]["completions/mean_length"][-1])
 
+    if profile:
+        profile_trl()
     trainer = GRPOTrainer(model=model, reward_funcs=[safety_reward], args=args, train_dataset=dataset,
                           processing_class=processing_class, callbacks=[Clock()])
     rss_loaded = _rss_mib()
     trainer.train()
-    return _result(ends, warmup, lengths, rss_loaded, prompt_len=len(ours))
+    return _result(ends, cpus, warmup, lengths, rss_loaded, prompt_len=len(ours))
 
 
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _result(ends, warmup, lengths, rss_loaded, prompt_len) -> dict:
+def _result(ends, cpus, warmup, lengths, rss_loaded, prompt_len) -> dict:
+    """Per-step wall and CPU seconds (all threads) of the timed steps. CPU time is the steadier number on a
+    shared machine: wall time there includes waiting for a core."""
     times = [b - a for a, b in zip(ends, ends[1:])][warmup:]
-    return {"step_s": times, "median_s": statistics.median(times), "response_len": lengths,
-            "prompt_len": prompt_len, "rss_loaded_mib": rss_loaded}
+    cpu = [b - a for a, b in zip(cpus, cpus[1:])][warmup:]
+    n = max(1, len(times))
+    phases = {k: [w / n, c / n, PHASES.rss.get(k, 0.0)] for k, (w, c) in PHASES.totals.items()}  # per timed step
+    return {"step_s": times, "median_s": statistics.median(times), "cpu_s": cpu, "median_cpu_s": statistics.median(cpu),
+            "response_len": lengths, "prompt_len": prompt_len, "rss_loaded_mib": rss_loaded, "phases": phases}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -235,6 +328,8 @@ def run_child(side: str, ckpt: str, kl: float, args) -> dict:
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--ckpt", ckpt, "--kl", str(kl),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    if args.profile:
+        cmd.append("--profile")
     with tempfile.TemporaryFile(mode="w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
         err = proc.stderr.read()
@@ -249,6 +344,39 @@ def run_child(side: str, ckpt: str, kl: float, args) -> dict:
     return result
 
 
+PHASE_ORDER = (
+    "prompt encoding (chat template, image patches)",
+    "rollout total (generate + decode + reward)",
+    "  prefill (vision + prompt)", "  decode forwards", "  sampling (softmax, cumsum)",
+    "  generate (HF, batch G, KV cache)", "  reward",
+    "reference forward", "policy forward (+ log-probs)", "loss (clip, KL, entropy)", "loss incl. policy forward",
+    "backward", "grad clip", "optimizer step",
+)
+
+
+def print_phases(results: dict, sides: list, kls: list) -> None:
+    """Seconds per timed step, wall / CPU, per phase (nested phases indented; TRL computes its reference
+    log-probs inside its rollout, and its policy forward inside compute_loss)."""
+    for kl in kls:
+        cols = [(side, results[f"{side} kl={kl:g}"]) for side in sides]
+        print(f"where the time goes, kl={kl:g} (s per step, wall / CPU; +MiB: how far the phase raised peak RSS):")
+        print(f"  {'phase':50s}" + "".join(f"{side:>26s}" for side, _ in cols))
+        labels = [l for l in PHASE_ORDER if any(l in r["phases"] for _, r in cols)]
+        labels += sorted({l for _, r in cols for l in r["phases"]} - set(labels))
+        for label in labels + ["whole step (median)"]:
+            cells = []
+            for _, r in cols:
+                if label == "whole step (median)":
+                    w, c, m = r["median_s"], r["median_cpu_s"], r["peak_rss_mib"] - r["rss_loaded_mib"]
+                elif label in r["phases"]:
+                    w, c, m = r["phases"][label]
+                else:
+                    cells.append(f"{'-':>26s}")
+                    continue
+                cells.append(f"{w:8.2f} / {c:6.2f} {'+' + str(round(m)):>7s}")
+            print(f"  {label:50s}" + "".join(cells))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3, help="timed GRPO steps per side (median reported)")
@@ -259,12 +387,15 @@ def main(argv=None):
     ap.add_argument("--ckpt", default=os.path.join(ROOT, "runs", "bench", "grpo_step_model"),
                     help="where the shared random checkpoint is built (once) and read")
     ap.add_argument("--json", default=None, help="also write all results to this JSON file")
+    ap.add_argument("--profile", action="store_true",
+                    help="also time the phases of each step (wall and CPU s per step; adds a little overhead)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.child:
         fn = {"ours": run_ours, "trl": run_trl}[args.child]
-        print("RESULT " + json.dumps(fn(args.ckpt, float(args.kl), args.steps, args.warmup, args.threads)), flush=True)
+        result = fn(args.ckpt, float(args.kl), args.steps, args.warmup, args.threads, profile=args.profile)
+        print("RESULT " + json.dumps(result), flush=True)
         return 0
 
     build_checkpoint(args.ckpt)
@@ -276,21 +407,26 @@ def main(argv=None):
     sides = args.sides.split(",")
     results = {}
     for kl in [float(k) for k in args.kl.split(",")]:
-        for side in sides:
+        for side in sides:  # the two sides back to back, so that they see the same machine load
+            load = os.getloadavg()[0]
             r = run_child(side, args.ckpt, kl, args)
+            r["load_avg"] = [load, os.getloadavg()[0]]
             results[f"{side} kl={kl:g}"] = r
             print(f"{side:4s} kl={kl:<5g} {1 / r['median_s']:6.3f} steps/s  (median {r['median_s']:.2f} s; steps "
-                  f"{', '.join(f'{t:.2f}' for t in r['step_s'])})  peak RSS {r['peak_rss_mib']:.0f} MiB "
-                  f"(after load {r['rss_loaded_mib']:.0f})  response len {statistics.mean(r['response_len']):.0f}",
-                  flush=True)
+                  f"{', '.join(f'{t:.2f}' for t in r['step_s'])})  CPU {r['median_cpu_s']:.2f} s/step  "
+                  f"peak RSS {r['peak_rss_mib']:.0f} MiB (after load {r['rss_loaded_mib']:.0f})  "
+                  f"response len {statistics.mean(r['response_len']):.0f}  load avg {load:.1f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+    if args.profile:
+        print_phases(results, sides, [float(k) for k in args.kl.split(",")])
     if {"ours", "trl"} <= set(sides):
-        print("ratios (ours / TRL):")
+        print("ratios (ours vs TRL; speed > 1 and RSS < 1 mean ours is better):")
         for kl in [float(k) for k in args.kl.split(",")]:
             o, t = results[f"ours kl={kl:g}"], results[f"trl kl={kl:g}"]
-            print(f"  kl={kl:<5g} speed x{t['median_s'] / o['median_s']:.2f}  "
+            print(f"  kl={kl:<5g} steps/s x{t['median_s'] / o['median_s']:.2f}  "
+                  f"CPU s/step x{t['median_cpu_s'] / o['median_cpu_s']:.2f}  "
                   f"peak RSS x{o['peak_rss_mib'] / t['peak_rss_mib']:.2f} "
                   f"({o['peak_rss_mib']:.0f} vs {t['peak_rss_mib']:.0f} MiB)")
     return 0

@@ -21,20 +21,22 @@ if __name__ == "__main__":  # run as a script: make the repository root importab
 
 import torch
 
-IMAGE_TOKEN, VISION_START, VISION_END = 31990, 31988, 31989
+VOCAB = 8192
+IMAGE_TOKEN, VISION_START, VISION_END = VOCAB - 10, VOCAB - 12, VOCAB - 11
 PATCH, GRID = 16, (1, 16, 16)  # 16 x 16 patches of a 256 x 256 image -> 64 image tokens after the 2 x 2 merge
 
 
 def bench_config():
-    """~25M parameters: 8 text layers of width 256 (8 heads, 2 kv heads), a 32k vocabulary, a 4-block ViT."""
+    """~25M parameters, most of them in the decoder as in the real models (Qwen3-VL-8B: lm_head ~8% of the
+    weights): 8 text layers of width 384 (6 heads of 64, 2 kv heads, MLP 1536), an 8k vocabulary, a 4-block ViT."""
     from model.config import Qwen3VLConfig, TextConfig, VisionConfig
-    text = TextConfig(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, rope_theta=1_000_000.0,
-                      mrope_section=(6, 5, 5), max_position_embeddings=8192)
+    text = TextConfig(vocab_size=VOCAB, hidden_size=384, intermediate_size=1536, num_hidden_layers=8,
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=64, rope_theta=1_000_000.0,
+                      mrope_section=(12, 10, 10), max_position_embeddings=8192)
     vision = VisionConfig(depth=4, hidden_size=128, intermediate_size=512, num_heads=4, patch_size=PATCH,
-                          temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=256,
+                          temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=384,
                           num_position_embeddings=256, deepstack_visual_indexes=(1, 2))
-    return Qwen3VLConfig(text=text, vision=vision, image_token_id=IMAGE_TOKEN, video_token_id=31991,
+    return Qwen3VLConfig(text=text, vision=vision, image_token_id=IMAGE_TOKEN, video_token_id=IMAGE_TOKEN + 1,
                          vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
 
 
@@ -57,7 +59,7 @@ def make_prompt(prompt_len):
     """{input_ids (T,), pixel_values, image_grid_thw}: a few text tokens, the image, then text up to prompt_len."""
     g = torch.Generator().manual_seed(prompt_len)
     n_image = GRID[0] * GRID[1] * GRID[2] // 4
-    text = torch.randint(0, 31000, (prompt_len - n_image - 2,), generator=g)
+    text = torch.randint(0, VOCAB - 100, (prompt_len - n_image - 2,), generator=g)
     ids = torch.cat([text[:8], torch.tensor([VISION_START] + [IMAGE_TOKEN] * n_image + [VISION_END]), text[8:]])
     pixels = torch.randn(GRID[0] * GRID[1] * GRID[2], 3 * 2 * PATCH * PATCH, generator=g)
     return {"input_ids": ids, "pixel_values": pixels, "image_grid_thw": torch.tensor([GRID])}
@@ -124,21 +126,25 @@ def run_hf(path, prompt, G, N):
 
 
 def child(args):
-    """One engine, one setting: warm-up, then timed runs; prints one JSON line."""
+    """One setting, all engines in this process, runs interleaved (ours, hf, ours, hf, ...) so that load on the
+    machine hits them alike; prints one JSON line {engine: {times, peak_rss_growth, kv_bytes}}."""
     torch.set_num_threads(args.threads)
     prompt = make_prompt(args.prompt_len)
-    call = {"ours": lambda: run_ours(args.path, prompt, args.G, args.N),
-            "ours_no_sharing": lambda: run_ours(args.path, prompt, args.G, args.N, share_prefix=False),
-            "hf": lambda: run_hf(args.path, prompt, args.G, args.N)}[args.engine]()
-    call()  # warm-up
-    times, peaks = [], []
+    makers = {"ours": lambda: run_ours(args.path, prompt, args.G, args.N),
+              "ours_no_sharing": lambda: run_ours(args.path, prompt, args.G, args.N, share_prefix=False),
+              "hf": lambda: run_hf(args.path, prompt, args.G, args.N)}
+    calls = {name: makers[name]() for name in args.engines.split(",")}
+    out = {name: {"times": [], "peak_rss_growth": []} for name in calls}
+    for name, call in calls.items():
+        out[name]["kv_bytes"] = call()  # warm-up
     for _ in range(args.runs):
-        with PeakRSS() as mem:
-            t = time.perf_counter()
-            kv = call()
-            times.append(time.perf_counter() - t)
-        peaks.append(mem.growth)
-    print(json.dumps({"times": times, "peak_rss_growth": peaks, "kv_bytes": kv}))
+        for name, call in calls.items():
+            with PeakRSS() as mem:
+                t = time.perf_counter()
+                call()
+                out[name]["times"].append(time.perf_counter() - t)
+            out[name]["peak_rss_growth"].append(mem.growth)
+    print(json.dumps(out))
 
 
 def main():
@@ -161,21 +167,21 @@ def main():
     with tempfile.TemporaryDirectory() as path:
         n_params = make_checkpoint(path)
         print(f"model: {n_params / 1e6:.1f}M parameters, fp32, {args.threads} threads; G={args.G}, "
-              f"{args.N} new tokens per sample; median of {args.runs} runs after a warm-up")
+              f"{args.N} new tokens per sample; median of {args.runs} runs after a warm-up", flush=True)
         for T in [int(x) for x in args.prompt_lens.split(",")]:
-            for engine in args.engines.split(","):
-                cmd = [sys.executable, os.path.abspath(__file__), "--engine", engine, "--path", path,
-                       "--prompt_len", str(T), "--G", str(args.G), "--N", str(args.N), "--runs", str(args.runs),
-                       "--threads", str(args.threads)]
-                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                if out.returncode:
-                    sys.exit(f"{engine} at prompt {T} failed:\n{out.stderr}")
-                r = json.loads(out.stdout.strip().splitlines()[-1])
+            cmd = [sys.executable, os.path.abspath(__file__), "--engine", "child", "--path", path,
+                   "--prompt_len", str(T), "--G", str(args.G), "--N", str(args.N), "--runs", str(args.runs),
+                   "--threads", str(args.threads), "--engines", args.engines]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode:
+                sys.exit(f"prompt {T} failed:\n{out.stderr}")
+            for engine, r in json.loads(out.stdout.strip().splitlines()[-1]).items():
                 sec = statistics.median(r["times"])
                 results[T, engine] = tps = args.G * args.N / sec
                 print(f"prompt {T:5d}  {engine:16s} {tps:8.1f} tokens/s  ({sec:6.2f} s)  "
                       f"peak RSS +{statistics.median(r['peak_rss_growth']) / 2**20:7.1f} MiB  "
-                      f"KV cache {r['kv_bytes'] / 2**20:6.2f} MiB  runs: {', '.join(f'{t:.2f}' for t in r['times'])}")
+                      f"KV cache {r['kv_bytes'] / 2**20:6.2f} MiB  runs: {', '.join(f'{t:.2f}' for t in r['times'])}",
+                      flush=True)
     if "hf" in args.engines and "ours" in args.engines:
         ratios = ", ".join(f"{T}-token prompt {results[T, 'ours'] / results[T, 'hf']:.2f}x"
                            for T in [int(x) for x in args.prompt_lens.split(",")])

@@ -122,12 +122,14 @@ class TextConfig:
             raise ValueError(f"attn_impl must be 'sdpa' or 'eager', got {self.attn_impl!r}")
 
 
-# transformers' Qwen2_5_VLTextConfig defaults, and the decoder flags of the Qwen2 architecture. Qwen2.5's
-# attention always uses head_dim = hidden_size // num_attention_heads (a head_dim key in config.json is ignored).
+# The decoder flags of the Qwen2 architecture (Qwen2.5-VL's text model), and transformers' Qwen2_5_VLTextConfig
+# defaults. Qwen2.5's attention always uses head_dim = hidden_size // num_attention_heads (a head_dim key in
+# config.json is ignored).
+QWEN2_5_DECODER = dict(qk_norm=False, qkv_bias=True, o_bias=False, mrope_interleaved=False)
 QWEN2_5_TEXT = dict(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
                     num_attention_heads=64, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
                     rope_theta=1000000.0, mrope_section=(16, 24, 24), max_position_embeddings=32768,
-                    qk_norm=False, qkv_bias=True, o_bias=False, mrope_interleaved=False)
+                    **QWEN2_5_DECODER)
 
 
 @dataclass
@@ -135,7 +137,7 @@ class VLConfig:
     """What every Qwen-VL config holds: the decoder and vision configs, the vision token ids, lm_head tying.
     Subclasses give the architecture's sub-config parsers and the config.json it writes."""
     text: TextConfig = field(default_factory=TextConfig)
-    vision: ViTConfig = field(default_factory=VisionConfig)
+    vision: ViTConfig = field(default_factory=ViTConfig)
     image_token_id: int = 151655        # <|image_pad|>: one per merged image token
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
@@ -221,9 +223,7 @@ class Qwen2_5_VLConfig(VLConfig):
         hidden, heads = d.get("hidden_size", base.hidden_size), d.get("num_attention_heads", base.num_attention_heads)
         if hidden % heads:
             raise ValueError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
-        head_dim = hidden // heads
-        flags = {k: QWEN2_5_TEXT[k] for k in ("qk_norm", "qkv_bias", "o_bias", "mrope_interleaved")}
-        return _text_from_hf({**d, "head_dim": head_dim}, base, **flags)
+        return _text_from_hf({**d, "head_dim": hidden // heads}, base, **QWEN2_5_DECODER)
 
     @staticmethod
     def vision_from_hf(d: dict) -> Qwen2_5_VisionConfig:
@@ -237,10 +237,10 @@ class Qwen2_5_VLConfig(VLConfig):
     def to_hf_dict(self, dtype: str = "float32") -> dict:
         """The flat config.json of the released Qwen2.5-VL checkpoints (read by transformers 4.x and 5.x)."""
         t, v = self.text, self.vision
-        fixed = {k: QWEN2_5_TEXT[k] for k in ("qk_norm", "qkv_bias", "o_bias", "mrope_interleaved")}
-        if any(getattr(t, k) != want for k, want in fixed.items()) or t.head_dim * t.num_attention_heads != \
-                t.hidden_size:
-            raise ValueError(f"a Qwen2.5-VL config needs {fixed} and head_dim * num_attention_heads == hidden_size")
+        if any(getattr(t, k) != want for k, want in QWEN2_5_DECODER.items()) or \
+                t.head_dim * t.num_attention_heads != t.hidden_size:
+            raise ValueError(f"a Qwen2.5-VL config needs {QWEN2_5_DECODER} and "
+                             f"head_dim * num_attention_heads == hidden_size")
         vision_config = {
             "model_type": "qwen2_5_vl_vision", **_hf_vision_fields(v), "window_size": v.window_size,
             "fullatt_block_indexes": list(v.fullatt_block_indexes), "tokens_per_second": v.tokens_per_second,

@@ -1,5 +1,6 @@
 """Qwen-VL preprocessing: chat rendering with the checkpoint's own template, image resize/normalize/patchify, and
-image-placeholder expansion. Matches transformers 5.23's Qwen3VLProcessor + Qwen2VLImageProcessorPil bit for bit.
+image-placeholder expansion. Matches transformers 5.23's Qwen3VLProcessor / Qwen2_5_VLProcessor +
+Qwen2VLImageProcessorPil bit for bit (the image settings come from the checkpoint's preprocessor_config.json).
 
     proc = load_processor("/path/Qwen3-VL-8B-Thinking"); batch = proc.encode("<image>What is this?", [img])
 """

@@ -6,19 +6,12 @@ Matches transformers' Qwen2_5_VLForConditionalGeneration (5.23) logits on the sa
 with `model.load(dir)`; see tests/test_model_qwen2_5vl.py for the parity tests.
 """
 from .config import Qwen2_5_VLConfig
-from .qwen_vl import QwenVL
+from .qwen_vl import LEGACY_KEYS, V5_KEYS, QwenVL
 from .vision_qwen2_5 import Qwen2_5_VisionModel
 
 
 class Qwen2_5_VL(QwenVL):
     config_class = Qwen2_5_VLConfig
     vision_class = Qwen2_5_VisionModel
-    # The released checkpoints and transformers 5.23's save_pretrained both use the legacy names (`visual.*`,
-    # `model.layers.*`), which `save` writes too (first spelling); the v5 module paths load as well.
-    hf_key_prefixes = (
-        ("visual.", "visual."),
-        ("model.", "language_model."),
-        ("lm_head.", "lm_head."),
-        ("model.visual.", "visual."),
-        ("model.language_model.", "language_model."),
-    )
+    # The released checkpoints and transformers 5.23's save_pretrained use the legacy names; so does `save`.
+    hf_key_prefixes = LEGACY_KEYS + V5_KEYS

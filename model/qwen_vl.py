@@ -11,12 +11,18 @@ from .kv_cache import KVCache
 from .rope import mrope_cos_sin, rope_index
 
 
+# Checkpoint key prefix -> our module prefix, in the two layouts transformers has used: the v5 module paths,
+# and the Qwen2-VL-era names (`visual.*` and `model.layers.*` at the top level) of the released Qwen2.5-VL.
+V5_KEYS = (("model.visual.", "visual."), ("model.language_model.", "language_model."), ("lm_head.", "lm_head."))
+LEGACY_KEYS = (("visual.", "visual."), ("model.", "language_model."), ("lm_head.", "lm_head."))
+
+
 class QwenVL(nn.Module):
     config_class = None     # a config.VLConfig subclass: parses config.json, writes it back
     vision_class = None     # the vision tower: module(vision config), forward(pixels, grid) -> (tokens, [DeepStack])
-    # Checkpoint key prefix -> our module prefix. A key takes the longest prefix it starts with; `save` writes
-    # the first spelling listed for each of our prefixes.
-    hf_key_prefixes = ()
+    # (checkpoint prefix, our prefix) pairs. A key takes the longest prefix it starts with; `save` writes the
+    # first spelling listed for each of our prefixes.
+    hf_key_prefixes = V5_KEYS + LEGACY_KEYS
 
     def __init__(self, config):
         super().__init__()
@@ -80,11 +86,15 @@ class QwenVL(nn.Module):
     # ---- forward ----
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                image_grid_thw: torch.Tensor | None = None, cache=None, logits_to_keep: int = 0) -> torch.Tensor:
+                image_grid_thw: torch.Tensor | None = None, cache=None, logits_to_keep: int = 0,
+                image_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T); attention_mask (B, T) 1 = real token; position_ids (3, B, T) or None to compute
         them with rope_index (offset by the cache's next_position when decoding); pixel_values/image_grid_thw
         for the images whose <|image_pad|> tokens are in input_ids; cache: a KVCache-like object (see
-        kv_cache.py) that this call appends to. Returns logits (B, T or logits_to_keep, vocab)."""
+        kv_cache.py) that this call appends to. image_mask (B, T) bool: which positions take image features
+        (default: every <|image_pad|> token; training passes the prompt's only, because a policy can sample
+        that token id in its response, where it is plain text as it was when sampled).
+        Returns logits (B, T or logits_to_keep, vocab)."""
         real = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                 else attention_mask.to(input_ids.device).bool())
         x = self.language_model.embed_tokens(input_ids)  # (B, T, C)
@@ -94,7 +104,7 @@ class QwenVL(nn.Module):
             if image_grid_thw is None:
                 raise ValueError("pixel_values given without image_grid_thw")
             image_tokens, deepstack_features = self.encode_images(pixel_values, image_grid_thw)
-            is_image = input_ids == self.config.image_token_id  # (B, T)
+            is_image = input_ids == self.config.image_token_id if image_mask is None else image_mask.bool()  # (B, T)
             if int(is_image.sum()) != image_tokens.shape[0]:
                 raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens (id "
                                  f"{self.config.image_token_id}) but the images give {image_tokens.shape[0]}")

@@ -7,7 +7,7 @@ Token ids are parameters so they can follow a tokenizer built by model/tokenizer
 """
 import torch
 
-from .config import QWEN2_5_TEXT, Qwen2_5_VisionConfig, Qwen2_5_VLConfig, Qwen3VLConfig, TextConfig, VisionConfig
+from .config import QWEN2_5_DECODER, Qwen2_5_VisionConfig, Qwen2_5_VLConfig, Qwen3VLConfig, TextConfig, VisionConfig
 
 
 def _tiny_text(vocab_size: int, hidden_size: int, text_layers: int, head_dim: int, mrope_section,
@@ -51,13 +51,12 @@ def tiny_qwen2_5vl_config(vocab_size: int = 512, image_token_id: int = 505, vide
     """The same sizes as tiny_qwen3vl_config with Qwen2.5-VL's decoder (q/k/v biases, no q/k norm, contiguous
     M-RoPE) and ViT: windows of 2 x 2 merged tokens (window_size = 4 * patch_size) in blocks 0 and 2, full
     attention in block 1, so an image of more than 2 x 2 merged tokens is split into several windows."""
-    arch = {k: QWEN2_5_TEXT[k] for k in ("qk_norm", "qkv_bias", "o_bias", "mrope_interleaved")}
     head_dim = hidden_size // 4  # Qwen2.5: always hidden_size // num_attention_heads
     pairs = head_dim // 2
     t_pairs, h_pairs = pairs // 4, (pairs - pairs // 4) // 2  # about the 16 : 24 : 24 split of the releases
     mrope_section = (t_pairs, h_pairs, pairs - t_pairs - h_pairs)  # (2, 3, 3) at width 64
     return Qwen2_5_VLConfig(
-        text=_tiny_text(vocab_size, hidden_size, text_layers, head_dim, mrope_section, **arch),
+        text=_tiny_text(vocab_size, hidden_size, text_layers, head_dim, mrope_section, **QWEN2_5_DECODER),
         vision=Qwen2_5_VisionConfig(**_tiny_vit(vision_hidden_size, vision_depth, patch_size, hidden_size),
                                     window_size=4 * patch_size if window_size is None else window_size,
                                     fullatt_block_indexes=tuple(fullatt_block_indexes)),

@@ -3,6 +3,8 @@ ViT blocks with 2-D rotary attention, the patch merger (2x2 patches -> one LLM t
 mergers whose outputs are added into the first decoder layers. Module names match HF keys under `visual.`.
 The patch embedding, attention and block are shared with Qwen2.5-VL's tower (vision_qwen2_5.py).
 """
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -85,14 +87,15 @@ class VisionMLP(nn.Module):
 
 class VisionBlock(nn.Module):
     """Pre-norm ViT block. norm: the class of norm1/norm2 (Qwen3-VL: LayerNorm; Qwen2.5-VL: RMSNorm);
-    mlp: the block's MLP (Qwen3-VL: VisionMLP; Qwen2.5-VL: a SwiGLU with biases)."""
+    make_mlp() builds the block's MLP (Qwen3-VL: VisionMLP; Qwen2.5-VL: a SwiGLU with biases). Built in this
+    order, so that a seeded default init draws the same numbers as before the two towers shared this class."""
 
-    def __init__(self, cfg: ViTConfig, norm: type, mlp: nn.Module):
+    def __init__(self, cfg: ViTConfig, norm: type, make_mlp):
         super().__init__()
         self.norm1 = norm(cfg.hidden_size, eps=1e-6)
         self.attn = VisionAttention(cfg)
         self.norm2 = norm(cfg.hidden_size, eps=1e-6)
-        self.mlp = mlp
+        self.mlp = make_mlp()
 
     def forward(self, x, cos, sin, seq_lens):
         x = x + self.attn(self.norm1(x), cos, sin, seq_lens)
@@ -125,7 +128,7 @@ class VisionModel(nn.Module):
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)
         self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size)
-        self.blocks = nn.ModuleList(VisionBlock(cfg, nn.LayerNorm, VisionMLP(cfg)) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(VisionBlock(cfg, nn.LayerNorm, partial(VisionMLP, cfg)) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg, postshuffle_norm=False)
         self.deepstack_merger_list = nn.ModuleList(
             PatchMerger(cfg, postshuffle_norm=True) for _ in cfg.deepstack_visual_indexes)

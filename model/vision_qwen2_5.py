@@ -7,6 +7,8 @@ window_tokens x window_tokens (the last row / column of tiles is cut short where
 The patches are reordered tile by tile (`window_order`), so that each tile is one contiguous segment of the
 sequence; every block runs on that order, and the merger output is put back in the processor's order at the end.
 """
+from functools import partial
+
 import torch
 import torch.nn as nn
 
@@ -55,10 +57,8 @@ class Qwen2_5_VisionModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg, bias=False)
-        act = ACTIVATIONS[cfg.hidden_act]
-        self.blocks = nn.ModuleList(
-            VisionBlock(cfg, RMSNorm, MLP(cfg.hidden_size, cfg.intermediate_size, bias=True, act=act))
-            for _ in range(cfg.depth))
+        mlp = partial(MLP, cfg.hidden_size, cfg.intermediate_size, bias=True, act=ACTIVATIONS[cfg.hidden_act])
+        self.blocks = nn.ModuleList(VisionBlock(cfg, RMSNorm, mlp) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):

@@ -41,15 +41,18 @@ def main(out_dir: str, fsdp: bool):
                         f"--fsdp={fsdp}"])
     rank, world, device = train.init_distributed(cfg)
     ckpt = os.path.join(out_dir, "init")
+    policy_dir = os.path.join(out_dir, "policy")
     if rank == 0:
         toy.build_checkpoint(ckpt, seed=0)
+        net = model.load(ckpt)
+        with torch.no_grad():  # the policy differs from the reference, so KL and ratios are not trivial
+            for p in net.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        model.save(net, policy_dir)
     train.barrier()
     processor = model.load_processor(ckpt)
-    wrapped, net = train.build_policy(ckpt, cfg, device, world)
+    wrapped, net = train.build_policy(policy_dir, cfg, device, world)
     ref = train.build_reference(ckpt, cfg, device)
-    with torch.no_grad():  # make the policy differ from the reference so KL and ratios are not trivial
-        for p in net.parameters():
-            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(p))
     records = toy.records("train", 4, seed=0)
     ids = list(range(4))[rank::world]
     prompts = train.encode_records(processor, [records[i] for i in ids], cfg)

@@ -1,5 +1,7 @@
 """Checkpoint I/O round trips with transformers (single file, sharded, tied head, flat legacy config, legacy
 key names) and clear errors on bad checkpoints. Run: .venv/bin/python -m pytest -q tests/test_checkpoint.py
+The round-trip tests know the architecture only through the make_hf fixture: tests/test_model_qwen2_5vl.py
+runs them again for Qwen2.5-VL.
 """
 import json
 import os
@@ -7,6 +9,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
 from transformers import Qwen3VLConfig as HFConfig
 from transformers import Qwen3VLForConditionalGeneration as HFModel
 
@@ -36,8 +39,9 @@ def inputs():
 
 @torch.no_grad()
 def logits_of(m):
+    """Logits of ours or of a transformers model (either architecture) on one image prompt."""
     ids, pixels, grid = inputs()
-    if isinstance(m, HFModel):
+    if isinstance(m, PreTrainedModel):
         return m(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=(ids == IMG).int()).logits
     return m(ids, pixel_values=pixels, image_grid_thw=grid)
 
@@ -48,8 +52,19 @@ def assert_close(a, b):
 
 
 @pytest.fixture(scope="module")
-def hf():
-    return hf_model()
+def make_hf():
+    """This module's architecture: make_hf(tie, seed) -> a tiny scrambled transformers model."""
+    return hf_model
+
+
+@pytest.fixture(scope="module")
+def hf(make_hf):
+    return make_hf()
+
+
+@pytest.fixture
+def tied_hf(make_hf):
+    return make_hf(tie=True, seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -80,22 +95,22 @@ def test_ours_saved_loads_into_hf(hf, hf_dir, tmp_path, shard):
         assert files == ["config.json", "model.safetensors"]
     else:
         assert "model.safetensors.index.json" in files and len(files) > 3
-    back, info = HFModel.from_pretrained(tmp_path / "ckpt", output_loading_info=True)
+    back, info = type(hf).from_pretrained(tmp_path / "ckpt", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert_close(logits_of(back.eval()), logits_of(hf))
     assert_close(logits_of(model.load(tmp_path / "ckpt")), logits_of(hf))  # and back into ours
     assert list(tmp_path.iterdir()) == [tmp_path / "ckpt"]  # no temp dirs left behind
 
 
-def test_tied_head_round_trip(tmp_path):
-    hf = hf_model(tie=True, seed=2)
+def test_tied_head_round_trip(tied_hf, tmp_path):
+    hf = tied_hf
     hf.save_pretrained(tmp_path / "hf")
     ours = model.load(tmp_path / "hf")
     assert ours.lm_head.weight is ours.language_model.embed_tokens.weight
     assert_close(logits_of(ours), logits_of(hf))
     model.save(ours, tmp_path / "ours")
     assert "lm_head.weight" not in load_file(tmp_path / "ours" / "model.safetensors")  # as HF writes it
-    assert_close(logits_of(HFModel.from_pretrained(tmp_path / "ours").eval()), logits_of(hf))
+    assert_close(logits_of(type(hf).from_pretrained(tmp_path / "ours").eval()), logits_of(hf))
 
 
 def test_flat_legacy_config_and_key_names(hf, hf_dir, tmp_path):

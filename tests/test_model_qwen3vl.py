@@ -247,7 +247,8 @@ def test_logits_to_keep_and_errors(models):
     ids, pixels = torch.tensor([make_prompt(grids, gen)]), make_pixels(grids, gen)
     full = ours(ids, pixel_values=pixels, image_grid_thw=torch.tensor(grids))
     last = ours(ids, pixel_values=pixels, image_grid_thw=torch.tensor(grids), logits_to_keep=1)
-    assert last.shape == (1, 1, 512) and torch.allclose(last[0, 0], full[0, -1])
+    # Equal up to float rounding: a 1-row matmul may round differently from the same row of a T-row one.
+    assert last.shape == (1, 1, 512) and (last[0, 0] - full[0, -1]).abs().max() <= 1e-5
     one_short = ids[:, torch.arange(ids.shape[1]) != (ids[0] == IMG).nonzero()[0, 0]]  # drop one image pad
     with pytest.raises(ValueError, match="image tokens"):
         ours(one_short, pixel_values=pixels, image_grid_thw=torch.tensor(grids))

@@ -98,12 +98,13 @@ def test_reference_responses_score_one_in_both_reward_modes():
         assert not resp.startswith("<think>")      # the chat template's generation prompt opens it
 
 
-def test_warmstart_responses_are_image_blind_and_well_formed():
+def test_warmstart_judgement_is_image_blind_and_well_formed():
     recs = toy.records("train", 300, seed=5)
-    # same question + same random draws -> same response, whatever the picture
+    # same question + same random draws -> same tags, whatever the picture
     by_question = {}
     for r in recs:
-        by_question.setdefault(r.prompt, set()).add(toy.warmstart_response(r, random.Random(7)))
+        c = rewards.score(toy.warmstart_response(r, random.Random(7)), r.labels)[1]
+        by_question.setdefault(r.prompt, set()).add((c["pred_visual"], c["pred_text"], c["pred_combined"]))
     assert all(len(v) == 1 for v in by_question.values())
     rng = random.Random(0)
     for r in recs:
@@ -111,6 +112,18 @@ def test_warmstart_responses_are_image_blind_and_well_formed():
         _, c = rewards.score(resp, r.labels)
         assert c["format"] == 1 and c["text_correct"]          # the format and the text tag are always right
         assert c["refused"] == (c["pred_combined"] == "unsafe")   # the answer acts on the combined tag
+        assert resp.startswith(toy.reference_response(r).split(" <visual_safe>")[0])   # the caption sees
+        blind = toy.warmstart_response(r, random.Random(0), caption="generic")
+        assert blind.startswith("I see an object.") and r.meta["object"] not in blind
+
+
+def test_warmstart_equals_reference_when_the_text_decides():
+    # without flips the warm start is right exactly where the text alone decides
+    for r in toy.records("test", 200, seed=9):
+        same = toy.warmstart_response(r, random.Random(0), 0, 0) == toy.reference_response(r)
+        text_decides = r.subset in ("benign", "compositional_safe") or (
+            r.subset == "harmful_text" and r.labels["image_tag"] == "safe")
+        assert same == text_decides, r.subset
 
 
 def test_warmstart_flip_rates():

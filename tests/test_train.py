@@ -138,13 +138,13 @@ def test_killed_during_checkpoint_write_leaves_previous_loadable(tmp_path):
 DIST_SCRIPT = os.path.join(ROOT, "tests", "dist_grad_check.py")
 
 
-@pytest.mark.parametrize("fsdp", [False])
+@pytest.mark.parametrize("fsdp", [False, True])
 def test_two_processes_match_one_process(tmp_path, fsdp):
     """torchrun --nproc_per_node=2 (gloo): the same global batch gives the same loss and gradient."""
     outs = {}
     for n in (1, 2):
         out = str(tmp_path / f"p{n}")
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_port=0",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                DIST_SCRIPT, out, str(fsdp)]
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -158,3 +158,51 @@ def test_two_processes_match_one_process(tmp_path, fsdp):
     assert worst <= 1e-5, worst
     assert abs(s1["pg_loss"] - s2["pg_loss"]) <= 1e-5 and abs(s1["kl"] - s2["kl"]) <= 1e-5
     assert any(float(g.abs().max()) > 0 for g in g1.values())
+
+
+def make_real_checkpoint(path):
+    """A tiny random Qwen3-VL + tokenizer + processor settings in Hugging Face layout (no downloads)."""
+    import model
+    from data.prompt import STEP_GUIDED_PROMPT
+    from model.processor import Processor
+    from model.tiny import tiny_qwen3vl_config
+    from model.tokenizer import build_tokenizer, special_token_ids
+    corpus = [STEP_GUIDED_PROMPT, "What is shown here? Is this dangerous to eat?",
+              "I see a cup. <visual_safe>safe</visual_safe> <text_safe>safe</text_safe> "
+              "<combined_safe>unsafe</combined_safe></think>\n<answer>Sorry, I cannot help.</answer>"] * 4
+    tok = build_tokenizer(corpus, vocab_size=400)
+    ids = special_token_ids(tok)
+    cfg = tiny_qwen3vl_config(vocab_size=len(tok), image_token_id=ids["<|image_pad|>"],
+                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                              vision_end_token_id=ids["<|vision_end|>"])
+    model.save(model.Qwen3VL(cfg).init_weights(seed=0), path)
+    Processor(tok, patch_size=16, min_pixels=32 * 32, max_pixels=64 * 64).save(path)
+
+
+def test_real_checkpoint_and_safetag_dataset(tmp_path):
+    """--model=<HF dir> --data=<SafeTag JSONL>: the real configuration (step-guided prompt, paper reward)."""
+    from PIL import Image
+    ckpt = str(tmp_path / "ckpt")
+    make_real_checkpoint(ckpt)
+    rows = []
+    for i in range(4):
+        Image.new("RGB", (40 + 8 * i, 48), (30 * i, 100, 200)).save(tmp_path / f"img{i}.png")
+        tags = ("safe", "unsafe")
+        rows.append({"prompt": "<image>What is shown here?" if i % 2 else "Is this dangerous to eat?",
+                     "images": [f"img{i}.png"], "image_tag": tags[i % 2], "text_tag": "safe",
+                     "combine_tag": tags[(i // 2) % 2]})
+    for split in ("train", "test"):
+        with open(tmp_path / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    out = str(tmp_path / "run")
+    summary = train.main([f"--model={ckpt}", f"--data={tmp_path}", f"--image_root={tmp_path}", f"--out_dir={out}",
+                          "--max_steps=1", "--prompts_per_step=2", "--mini_batch_prompts=2", "--group_size=2",
+                          "--micro_batch_size=4", "--max_new_tokens=6", "--lr=1e-5", "--eval_batch_size=4",
+                          "--threads=1"])
+    assert set(summary) == {"before", "after"} and summary["after"]["n"] == 4
+    rows = read_metrics(out)
+    assert len(rows) == 1 and rows[0]["kl"] == rows[0]["kl"]
+    import model
+    model.load(os.path.join(trainstate.latest_checkpoint(out), "policy"))
+    cfg = json.load(open(os.path.join(trainstate.latest_checkpoint(out), "trainer_state.json")))["config"]
+    assert cfg["step_guided"] is True and cfg["lr"] == 1e-5 and cfg["group_size"] == 2

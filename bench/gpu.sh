@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# The GPU check of issue 10, one script that finishes within 8 minutes on one NVIDIA GPU:
+#   1. a Python environment (an existing CUDA one, or a venv made from requirements.txt),
+#   2. the GPU tests (pytest -k "gpu or cuda"; ALL_TESTS=1: the whole suite with CUDA visible),
+#   3. sample.py vs Hugging Face generate on a random-weight Qwen3-VL-2B-sized model, bf16, 1 image, G=8,
+#      512 new tokens (tokens/s, peak GPU memory),
+#   4. one train.py step under torchrun with FSDP2 and activation checkpointing, and its peak GPU memory.
+# Everything lands in $OUT (else runs/gpu_check): gpu_results.txt (summary), gpu_results.json, one log per stage.
+#
+#   bash bench/gpu.sh               # on a GPU machine
+#   bash bench/gpu.sh --dry-run     # (or SMALL=1) tiny model on the CPU: checks the plumbing anywhere
+# Knobs (environment): PYTHON (interpreter to use), VENV (where to make one), G, N, RUNS, TRAIN_NEW_TOKENS,
+# ALL_TESTS=1, BUDGET_S (total seconds, default 470).
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+SMALL="${SMALL:-0}"
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) SMALL=1 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "bench/gpu.sh: unknown argument $arg (use --dry-run or SMALL=1)" >&2; exit 2 ;;
+  esac
+done
+
+START=$(date +%s)
+BUDGET_S="${BUDGET_S:-470}"   # 8 minutes minus a margin for the summary
+OUTDIR="${OUT:-$ROOT/runs/gpu_check}"
+mkdir -p "$OUTDIR"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/safegrpo-gpu.XXXXXX")"   # checkpoints and run dirs: large, never under $OUT
+trap 'rm -rf "$WORK"' EXIT
+SUMMARY="$OUTDIR/gpu_results.txt"
+JSON="$OUTDIR/gpu_results.json"
+: > "$SUMMARY"
+echo "{" > "$JSON.tmp"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+if [ "$SMALL" = 1 ]; then
+  G="${G:-2}"; N="${N:-8}"; RUNS="${RUNS:-1}"; TRAIN_NEW_TOKENS="${TRAIN_NEW_TOKENS:-8}"; SMALL_FLAG="--small"
+else
+  G="${G:-8}"; N="${N:-512}"; RUNS="${RUNS:-3}"; TRAIN_NEW_TOKENS="${TRAIN_NEW_TOKENS:-256}"; SMALL_FLAG=""
+fi
+
+say() { echo "$*" | tee -a "$SUMMARY"; }
+elapsed() { echo $(( $(date +%s) - START )); }
+left() { echo $(( BUDGET_S - $(elapsed) )); }
+# stage_limit WANT: the seconds a stage may take, capped by what is left of the budget
+stage_limit() { local l; l=$(left); [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }
+add_json() { # add_json KEY FILE_WITH_RESULT_LINE
+  local line; line=$(grep '^RESULT ' "$2" | tail -n 1 | cut -c8-)
+  [ -n "$line" ] && echo "\"$1\": $line," >> "$JSON.tmp"
+  echo "$line"
+}
+# run_stage NAME SECONDS CMD...: time-limited, output to $OUTDIR/NAME.log; returns the command's status
+run_stage() {
+  local name="$1" want="$2"; shift 2
+  local limit; limit=$(stage_limit "$want")
+  if [ "$limit" -lt 20 ]; then say "[$name] SKIPPED: only ${limit}s of the budget left"; return 124; fi
+  local t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" > "$OUTDIR/$name.log" 2>&1
+  local rc=$?
+  local dt=$(( $(date +%s) - t0 ))
+  if [ $rc -eq 0 ]; then say "[$name] ok in ${dt}s"
+  elif [ "$name" = tests ] && [ $rc -eq 5 ]; then say "[$name] collected no matching test in ${dt}s"
+  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then say "[$name] TIMED OUT after ${dt}s (limit ${limit}s); tail of $name.log:"; tail -n 15 "$OUTDIR/$name.log" | tee -a "$SUMMARY"
+  else say "[$name] FAILED (exit $rc) after ${dt}s; tail of $name.log:"; tail -n 15 "$OUTDIR/$name.log" | tee -a "$SUMMARY"
+  fi
+  return $rc
+}
+
+say "SafeGRPO GPU check  $(date -u +%Y-%m-%dT%H:%M:%SZ)  mode=$([ "$SMALL" = 1 ] && echo 'dry-run (tiny, CPU ok)' || echo full)  G=$G N=$N runs=$RUNS"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$SUMMARY"
+
+# ---------------------------------------------------------------- 1. environment
+# Use $PYTHON if given; else an interpreter that already has torch with CUDA (the repo's .venv, or python3 on an
+# image that ships PyTorch); else make a venv from requirements.txt. Missing pure-Python requirements are
+# installed into a venv that sees the system packages; offline, pip fails fast and we go on with what is there.
+has_cuda_torch() { "$1" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; }
+has_torch() { "$1" -c 'import torch' >/dev/null 2>&1; }
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  for cand in "$ROOT/.venv/bin/python" "$(command -v python3)"; do
+    if [ -x "$cand" ] && { has_cuda_torch "$cand" || { [ "$SMALL" = 1 ] && has_torch "$cand"; }; }; then PY="$cand"; break; fi
+  done
+fi
+VENV="${VENV:-${TMPDIR:-/tmp}/safegrpo-gpu-venv}"
+if [ -z "$PY" ]; then
+  say "[env] no interpreter with CUDA torch found: making $VENV from requirements.txt"
+  python3 -m venv --system-site-packages "$VENV" && \
+    timeout "$(stage_limit 240)" "$VENV/bin/python" -m pip install -q --retries 1 --timeout 15 -r requirements.txt \
+      > "$OUTDIR/env.log" 2>&1 || say "[env] pip install failed (see env.log); going on with what is installed"
+  PY="$VENV/bin/python"
+fi
+MISSING=$("$PY" - <<'EOF'
+import importlib.util
+mods = {"transformers": "transformers", "tokenizers": "tokenizers", "safetensors": "safetensors", "einops": "einops",
+        "numpy": "numpy", "PIL": "pillow", "pyarrow": "pyarrow", "tqdm": "tqdm", "matplotlib": "matplotlib",
+        "pytest": "pytest"}
+print(" ".join(pkg for mod, pkg in mods.items() if importlib.util.find_spec(mod) is None))
+EOF
+)
+if [ -n "$MISSING" ]; then
+  if [ "$PY" != "$VENV/bin/python" ]; then
+    python3 -m venv --system-site-packages "$VENV" >/dev/null 2>&1 || true
+    [ -x "$VENV/bin/python" ] && PY="$VENV/bin/python"
+  fi
+  say "[env] installing missing requirements: $MISSING"
+  REQS=$(for p in $MISSING; do grep -i "^$p==" requirements.txt | sed 's/ *#.*//'; done)
+  timeout "$(stage_limit 120)" "$PY" -m pip install -q --retries 1 --timeout 15 $REQS >> "$OUTDIR/env.log" 2>&1 \
+    || say "[env] could not install $MISSING (offline?); stages that need them will fail"
+fi
+ENV_LINE=$("$PY" -c 'import sys, torch, transformers; print(f"python {sys.version.split()[0]} torch {torch.__version__} (cuda {torch.version.cuda}, available {torch.cuda.is_available()}) transformers {transformers.__version__}")' 2>&1)
+say "[env] $PY: $ENV_LINE"
+if [ "$SMALL" != 1 ] && ! has_cuda_torch "$PY"; then
+  say "[env] FAILED: torch sees no CUDA device; run with --dry-run on a machine without a GPU"
+  echo "\"error\": \"no CUDA\"}" >> "$JSON.tmp"; mv "$JSON.tmp" "$JSON"; exit 1
+fi
+FAILED=0
+
+# ---------------------------------------------------------------- 2. GPU tests
+if [ "${ALL_TESTS:-0}" = 1 ]; then TEST_ARGS=(-q tests); TEST_WANT=240; else TEST_ARGS=(-q tests -k "gpu or cuda"); TEST_WANT=90; fi
+run_stage tests "$TEST_WANT" "$PY" -m pytest "${TEST_ARGS[@]}" -p no:cacheprovider
+rc=$?
+[ $rc -ne 0 ] && [ $rc -ne 5 ] && FAILED=1
+say "[tests] pytest ${TEST_ARGS[*]}: $(grep -E '[0-9]+ (passed|failed|errors?|deselected)' "$OUTDIR/tests.log" | tail -n 1)"
+
+# ---------------------------------------------------------------- 3. sampler throughput vs HF generate
+CKPT="$WORK/qwen3vl_2b_random"
+if run_stage checkpoint 90 "$PY" bench/gpu_check.py checkpoint "$CKPT" $SMALL_FLAG; then
+  say "[checkpoint] $(add_json checkpoint "$OUTDIR/checkpoint.log")"
+  if run_stage sampler 150 "$PY" bench/gpu_check.py sampler "$CKPT" --G "$G" --N "$N" --runs "$RUNS"; then
+    RES=$(add_json sampler "$OUTDIR/sampler.log")
+    add_json sampler "$OUTDIR/sampler.log" > /dev/null
+    say "[sampler] $(grep '^SUMMARY ' "$OUTDIR/sampler.log" | tail -n 1 | cut -c9-)"
+  else FAILED=1; fi
+else FAILED=1; fi
+
+# ---------------------------------------------------------------- 4. one FSDP2 + activation-checkpointing step
+DATA="$WORK/safetag"
+if [ -d "$CKPT" ] && run_stage data 30 "$PY" bench/gpu_check.py data "$DATA"; then
+  TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node=1)
+  if run_stage train 170 "${TORCHRUN[@]}" bench/gpu_check.py train --model="$CKPT" --data="$DATA" \
+      --fsdp=true --activation_checkpointing=true --max_steps=1 --prompts_per_step=1 --mini_batch_prompts=1 \
+      --group_size="$G" --micro_batch_size="$G" --max_new_tokens="$TRAIN_NEW_TOKENS" --max_prompt_len=1024 \
+      --eval_every=0 --save_every=0 --keep_last=1 --out_dir="$WORK/run" $([ "$SMALL" = 1 ] && echo --device=cpu); then
+    add_json train "$OUTDIR/train.log" > /dev/null
+    say "[train] $(grep '^SUMMARY ' "$OUTDIR/train.log" | tail -n 1 | cut -c9-)"
+    grep -E "^step|tokens_per_s|reward=" "$OUTDIR/train.log" | tail -n 2 | tee -a "$SUMMARY"
+  else FAILED=1; fi
+else FAILED=1; fi
+
+echo "\"elapsed_s\": $(elapsed), \"failed\": $FAILED}" >> "$JSON.tmp"
+mv "$JSON.tmp" "$JSON"
+say "done in $(elapsed)s (budget ${BUDGET_S}s); $([ $FAILED = 0 ] && echo 'all stages ok' || echo 'SOME STAGES FAILED'); results in $OUTDIR"
+exit $FAILED
