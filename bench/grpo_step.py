@@ -134,6 +134,35 @@ class Phases:
 PHASES = Phases()
 
 
+class StepClock:
+    """Times each step (wall and CPU seconds of all threads) and, under the driver, runs in lock-step with the
+    other side: before a step it prints WAIT and blocks until the driver sends a line, after it prints STEP.
+    The driver alternates the two sides step by step, so both run under the same machine load."""
+
+    def __init__(self, warmup: int, profile: bool, lockstep: bool):
+        self.warmup, self.profile, self.lockstep = warmup, profile, lockstep
+        self.wall, self.cpu, self.n = [], [], 0
+        if profile and warmup == 0:
+            PHASES.reset()
+
+    def begin(self):
+        if self.lockstep:
+            print("WAIT", flush=True)
+            if not sys.stdin.readline():
+                sys.exit("the driver went away")
+        self._w, self._c = time.perf_counter(), time.process_time()
+
+    def end(self):
+        dw, dc = time.perf_counter() - self._w, time.process_time() - self._c
+        self.wall.append(dw)
+        self.cpu.append(dc)
+        self.n += 1
+        if self.profile and self.n == self.warmup:
+            PHASES.reset()  # the phase totals cover the timed steps only
+        if self.lockstep:
+            print(f"STEP {dw:.3f} {dc:.3f}", flush=True)
+
+
 def profile_ours(ref_holder: dict):
     import torch
 
@@ -173,7 +202,8 @@ def profile_trl():
 
 # ----------------------------------------------------------------------------- one side, in a child process
 
-def run_ours(ckpt: str, kl: float, steps: int, warmup: int, threads: int, profile: bool = False) -> dict:
+def run_ours(ckpt: str, kl: float, steps: int, warmup: int, threads: int, profile: bool = False,
+             lockstep: bool = False) -> dict:
     """The real training code: train.rollout -> grpo.group_advantages -> train.train_on_rollouts, as main() runs a step."""
     import torch
 
@@ -204,25 +234,22 @@ def run_ours(ckpt: str, kl: float, steps: int, warmup: int, threads: int, profil
     reward_fn = rewards.resolve_reward("paper")
     rss_loaded = _rss_mib()
     net.train()
-    ends, cpus, lengths = [time.perf_counter()], [time.process_time()], []
-    if profile and warmup == 0:
-        PHASES.reset()
+    clock, lengths = StepClock(warmup, profile, lockstep), []
     for step in range(warmup + steps):
+        clock.begin()
         prompts = train.encode_records(processor, [record], cfg)  # main() encodes every step, as TRL does
         with train.Rollout_policy(wrapped, net, False) as pol:
             ro, texts, rew, comps = train.rollout(pol, processor, prompts, [LABELS], cfg, step, [0], reward_fn, device)
         advantages = grpo.group_advantages(rew, cfg.group_size, scale=cfg.adv_scale)
         train.train_on_rollouts(wrapped, ref_model, optimizer, scheduler, prompts, ro, advantages, cfg, device,
                                 1, processor.pad_token_id)
-        ends.append(time.perf_counter())
-        cpus.append(time.process_time())
+        clock.end()
         lengths.append(float(ro.response_mask.sum(1).mean()))
-        if profile and step == warmup - 1:
-            PHASES.reset()
-    return _result(ends, cpus, warmup, lengths, rss_loaded, prompt_len=prompts[0]["input_ids"].numel())
+    return _result(clock, lengths, rss_loaded, prompt_len=prompts[0]["input_ids"].numel())
 
 
-def run_trl(ckpt: str, kl: float, steps: int, warmup: int, threads: int, profile: bool = False) -> dict:
+def run_trl(ckpt: str, kl: float, steps: int, warmup: int, threads: int, profile: bool = False,
+            lockstep: bool = False) -> dict:
     """TRL 1.16 GRPOTrainer, configured as fast as it goes on CPU: no gradient checkpointing (on by default in
     TRL), fp32 (bf16 is TRL's default), KV cache on (transformers' dynamic cache), no logging or saving, and
     every generation exactly NEW_TOKENS long (min_new_tokens)."""
@@ -280,20 +307,17 @@ def run_trl(ckpt: str, kl: float, steps: int, warmup: int, threads: int, profile
         logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=0, shuffle_dataset=False, log_completions=False, seed=SEED)
 
-    ends, cpus, lengths = [], [], []
+    clock, lengths = StepClock(warmup, profile, lockstep), []
 
     class Clock(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            ends.append(time.perf_counter())
-            cpus.append(time.process_time())
-            if profile and warmup == 0:
-                PHASES.reset()
+        """A step runs from on_step_begin (generation happens inside training_step) to on_step_end (after the
+        optimizer step); fetching the next dataset row and logging (switched off) fall outside."""
+
+        def on_step_begin(self, *a, **k):
+            clock.begin()
 
         def on_step_end(self, *a, **k):
-            ends.append(time.perf_counter())
-            cpus.append(time.process_time())
-            if profile and len(ends) == warmup + 1:
-                PHASES.reset()
+            clock.end()
             lengths.append(trainer._metrics["train"]["completions/mean_length"][-1])
 
     if profile:
@@ -302,46 +326,64 @@ def run_trl(ckpt: str, kl: float, steps: int, warmup: int, threads: int, profile
                           processing_class=processing_class, callbacks=[Clock()])
     rss_loaded = _rss_mib()
     trainer.train()
-    return _result(ends, cpus, warmup, lengths, rss_loaded, prompt_len=len(ours))
+    return _result(clock, lengths, rss_loaded, prompt_len=len(ours))
 
 
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _result(ends, cpus, warmup, lengths, rss_loaded, prompt_len) -> dict:
-    """Per-step wall and CPU seconds (all threads) of the timed steps. CPU time is the steadier number on a
-    shared machine: wall time there includes waiting for a core."""
-    times = [b - a for a, b in zip(ends, ends[1:])][warmup:]
-    cpu = [b - a for a, b in zip(cpus, cpus[1:])][warmup:]
+def _result(clock: StepClock, lengths, rss_loaded, prompt_len) -> dict:
+    """Wall and CPU seconds (all threads) of the timed steps, and the phase totals per timed step."""
+    times, cpu = clock.wall[clock.warmup:], clock.cpu[clock.warmup:]
     n = max(1, len(times))
-    phases = {k: [w / n, c / n, PHASES.rss.get(k, 0.0)] for k, (w, c) in PHASES.totals.items()}  # per timed step
+    phases = {k: [w / n, c / n, PHASES.rss.get(k, 0.0)] for k, (w, c) in PHASES.totals.items()}
     return {"step_s": times, "median_s": statistics.median(times), "cpu_s": cpu, "median_cpu_s": statistics.median(cpu),
             "response_len": lengths, "prompt_len": prompt_len, "rss_loaded_mib": rss_loaded, "phases": phases}
 
 
 # ----------------------------------------------------------------------------- driver
 
-def run_child(side: str, ckpt: str, kl: float, args) -> dict:
-    """One side in a fresh process; its peak RSS is that process's own ru_maxrss (os.wait4)."""
+def run_sides(sides: list, ckpt: str, kl: float, args) -> dict:
+    """Each side in its own process, all alive at once but stepping in turn (ABBA order), so that they meet the
+    same machine load; each one's peak RSS is its own process's ru_maxrss (os.wait4)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--ckpt", ckpt, "--kl", str(kl),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-    if args.profile:
-        cmd.append("--profile")
-    with tempfile.TemporaryFile(mode="w+") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-        err = proc.stderr.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        lines = [l for l in out.read().splitlines() if l.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{side} (kl={kl}) failed with exit code {proc.returncode}:\n{err[-4000:]}")
-    result = json.loads(lines[-1][len("RESULT "):])
-    result["peak_rss_mib"] = usage.ru_maxrss / 1024
-    return result
+    procs, errs = {}, {}
+    for side in sides:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--ckpt", ckpt, "--kl", str(kl),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+               "--lockstep"] + (["--profile"] if args.profile else [])
+        errs[side] = tempfile.TemporaryFile(mode="w+")
+        procs[side] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errs[side],
+                                       text=True, cwd=ROOT, env=env)
+
+    def read_until(side: str, tag: str) -> str:
+        for line in procs[side].stdout:
+            if line.startswith(tag):
+                return line[len(tag):].strip()
+        procs[side].wait()
+        errs[side].seek(0)
+        raise RuntimeError(f"{side} (kl={kl}) exited with code {procs[side].returncode} before {tag.strip()}:\n"
+                           f"{errs[side].read()[-4000:]}")
+
+    try:
+        for i in range(args.warmup + args.steps):
+            for side in (sides if i % 2 == 0 else sides[::-1]):
+                read_until(side, "WAIT")
+                procs[side].stdin.write("GO\n")
+                procs[side].stdin.flush()
+                read_until(side, "STEP ")
+        results = {}
+        for side in sides:
+            results[side] = json.loads(read_until(side, "RESULT "))
+            _, status, usage = os.wait4(procs[side].pid, 0)
+            results[side]["peak_rss_mib"] = usage.ru_maxrss / 1024
+        return results
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
 
 
 PHASE_ORDER = (
@@ -390,11 +432,13 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true",
                     help="also time the phases of each step (wall and CPU s per step; adds a little overhead)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--lockstep", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.child:
         fn = {"ours": run_ours, "trl": run_trl}[args.child]
-        result = fn(args.ckpt, float(args.kl), args.steps, args.warmup, args.threads, profile=args.profile)
+        result = fn(args.ckpt, float(args.kl), args.steps, args.warmup, args.threads, profile=args.profile,
+                    lockstep=args.lockstep)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
@@ -407,11 +451,11 @@ def main(argv=None):
     sides = args.sides.split(",")
     results = {}
     for kl in [float(k) for k in args.kl.split(",")]:
-        for side in sides:  # the two sides back to back, so that they see the same machine load
-            load = os.getloadavg()[0]
-            r = run_child(side, args.ckpt, kl, args)
+        load = os.getloadavg()[0]
+        pair = run_sides(sides, args.ckpt, kl, args)
+        for side in sides:
+            r = results[f"{side} kl={kl:g}"] = pair[side]
             r["load_avg"] = [load, os.getloadavg()[0]]
-            results[f"{side} kl={kl:g}"] = r
             print(f"{side:4s} kl={kl:<5g} {1 / r['median_s']:6.3f} steps/s  (median {r['median_s']:.2f} s; steps "
                   f"{', '.join(f'{t:.2f}' for t in r['step_s'])})  CPU {r['median_cpu_s']:.2f} s/step  "
                   f"peak RSS {r['peak_rss_mib']:.0f} MiB (after load {r['rss_loaded_mib']:.0f})  "

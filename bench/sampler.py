@@ -27,17 +27,18 @@ PATCH, GRID = 16, (1, 16, 16)  # 16 x 16 patches of a 256 x 256 image -> 64 imag
 
 
 def bench_config():
-    """~25M parameters, most of them in the decoder as in the real models (Qwen3-VL-8B: lm_head ~8% of the
-    weights): 8 text layers of width 384 (6 heads of 64, 2 kv heads, MLP 1536), an 8k vocabulary, a 4-block ViT."""
+    """~26M parameters in the proportions of Qwen3-VL-2B (vision tower ~20%, tied embedding ~15%, decoder ~65%):
+    8 text layers of width 384 (6 heads of 64, 2 kv heads, MLP 1536), a tied 8k vocabulary, a 6-block ViT of
+    width 192 with DeepStack taps after blocks 1 and 3."""
     from model.config import Qwen3VLConfig, TextConfig, VisionConfig
     text = TextConfig(vocab_size=VOCAB, hidden_size=384, intermediate_size=1536, num_hidden_layers=8,
                       num_attention_heads=6, num_key_value_heads=2, head_dim=64, rope_theta=1_000_000.0,
                       mrope_section=(12, 10, 10), max_position_embeddings=8192)
-    vision = VisionConfig(depth=4, hidden_size=128, intermediate_size=512, num_heads=4, patch_size=PATCH,
+    vision = VisionConfig(depth=6, hidden_size=192, intermediate_size=768, num_heads=4, patch_size=PATCH,
                           temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=384,
-                          num_position_embeddings=256, deepstack_visual_indexes=(1, 2))
+                          num_position_embeddings=256, deepstack_visual_indexes=(1, 3))
     return Qwen3VLConfig(text=text, vision=vision, image_token_id=IMAGE_TOKEN, video_token_id=IMAGE_TOKEN + 1,
-                         vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+                         vision_start_token_id=VISION_START, vision_end_token_id=VISION_END, tie_word_embeddings=True)
 
 
 def make_checkpoint(path):

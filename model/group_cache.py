@@ -12,13 +12,13 @@ from .kv_cache import KVCache
 class GroupCache:
     """Prefix block (layers, P, Hkv, Tp, D) shared by the G rows of each prompt + suffix block (layers, B, Hkv, S, D).
 
-    Rows are prompt-major (row r = prompt r // G, sample r % G). Attention over [prefix | suffix] is one softmax,
-    computed in two blocks without copying the prefix per row:
+    Rows are prompt-major (row r = prompt r // G, sample r % G). Attention over [prefix | suffix] is one softmax
+    over two score blocks, without copying the prefix per row:
       - prefix block: the queries of a prompt's G rows are stacked into one matrix, (P, Hkv, G*rep*T, D) against
         the prompt's (P, Hkv, Tp, D) keys: one matmul per prompt instead of G (and no G-fold prefix in memory);
-      - suffix block: per row, (B, Hkv, rep*T, D) against the row's own (B, Hkv, S, D) keys;
-      - the two partial softmaxes are merged with their running maxima and sums (the flash-attention rescaling),
-        which is exactly softmax over the concatenated scores.
+      - suffix block: per row, (B, Hkv, rep*T, D) against the row's own (B, Hkv, S, D) keys, moved into the same
+        (prompt, group) grid; the two score blocks are concatenated (scores only, Tp + S per query) and
+        normalised by one softmax, then each block's probabilities multiply its own values.
     `keep(rows)` drops finished rows (and prompts whose rows have all finished) so they cost no further compute;
     groups may then have different sizes, and the prefix block's queries are scattered into a padded
     (P, Gmax) grid (the padding slots compute garbage that is never read).
@@ -46,7 +46,7 @@ class GroupCache:
         self.max_new_tokens = max_new_tokens
         self.nbytes = sum(t.numel() * t.element_size() for t in (self.pk, self.pv, self.sk, self.sv))
         self._start = 0
-        self._bias = None  # (B, 1, T, length) additive suffix bias for the current step
+        self._bias = None  # (B, 1, 1, T, length) additive suffix mask of the current step, None if nothing is masked
         # Row -> prompt bookkeeping for the prefix block (see _regroup).
         self.row_prompt = torch.arange(P, device=device).repeat_interleave(group_size)
         self._regroup()
@@ -91,11 +91,14 @@ class GroupCache:
         if end > self.max_new_tokens:
             raise ValueError(f"GroupCache is full: {start} response slots used + {T} new > {self.max_new_tokens}")
         self.valid[:, start:end] = new_mask.bool()
-        q_slot = torch.arange(start, end, device=self.valid.device)
-        k_slot = torch.arange(end, device=self.valid.device)
-        keep = (k_slot[None, :] <= q_slot[:, None])[None] & self.valid[:, None, :end]  # (B, T, end)
-        # An all-masked suffix row is fine: every prompt has at least one real prefix token.
-        self._bias = torch.zeros(keep.shape, device=keep.device).masked_fill_(~keep, float("-inf"))[:, None]
+        self._bias = None  # the usual decode step (one real token per row, no holes) needs no suffix mask
+        if T > 1 or not bool(self.valid[:, :end].all()):
+            q_slot = torch.arange(start, end, device=self.valid.device)
+            k_slot = torch.arange(end, device=self.valid.device)
+            keep = (k_slot[None, :] <= q_slot[:, None])[None] & self.valid[:, None, :end]  # (B, T, end)
+            # An all-masked suffix row is fine: every prompt has at least one real prefix token.
+            self._bias = torch.zeros(B, 1, 1, T, end, device=keep.device).masked_fill_(
+                ~keep[:, None, None], float("-inf"))  # (B, 1, 1, T, end) against scores (B, Hkv, rep, T, end)
         self._start, self.length = start, end
         self.next_position = next_position
 
@@ -104,52 +107,40 @@ class GroupCache:
         start, end = self._start, self.length
         self.sk[layer_idx, :, :, start:end] = k
         self.sv[layer_idx, :, :, start:end] = v
+        pk, pv = self.pk[layer_idx], self.pv[layer_idx]  # (P, Hkv, Tp, D)
+        sk, sv = self.sk[layer_idx, :, :, :end], self.sv[layer_idx, :, :, :end]  # (B, Hkv, end, D)
         B, H, T, D = q.shape
-        Hkv = k.shape[1]
-        M = H // Hkv * T  # query rows per kv head and row: GQA heads of a kv head share its keys
-        q = (q * D ** -0.5).reshape(B, Hkv, M, D)  # head h = kv * rep + i, so (H, T) -> (Hkv, rep * T)
+        Hkv, Tp = k.shape[1], pk.shape[2]
+        rep = H // Hkv  # GQA: query head h reads kv head h // rep
+        q = (q * D ** -0.5).reshape(B, Hkv, rep * T, D)
 
-        # Prefix block: (P, Hkv, G*M, D) @ (P, Hkv, D, Tp), the G rows of a prompt stacked as one query matrix.
-        o_pre, m_pre, l_pre = _partial_softmax(self._to_grid(q), self.pk[layer_idx], self.pv[layer_idx],
-                                               self.prefix_bias)
-        o_pre, m_pre, l_pre = (self._from_grid(t, B) for t in (o_pre, m_pre, l_pre))
-        # Suffix block: per row, (B, Hkv, M, D) @ (B, Hkv, D, end).
-        o_suf, m_suf, l_suf = _partial_softmax(q, self.sk[layer_idx, :, :, :end], self.sv[layer_idx, :, :, :end],
-                                               self._bias)
-        # Merge: rescale both blocks to the common maximum, then normalise once.
-        m = torch.maximum(m_pre, m_suf)
-        a, b = torch.exp(m_pre - m), torch.exp(m_suf - m)
-        out = (o_pre * a + o_suf * b) / (l_pre * a + l_suf * b)
-        return out.to(q.dtype).reshape(B, H, T, D)
+        # Scores of both blocks in the (prompt, group) grid layout, then one softmax over [prefix | suffix].
+        s_pre = self._to_grid(q) @ pk.transpose(-1, -2)  # (P, Hkv, G*rep*T, Tp): one matmul per prompt
+        if self.prefix_bias is not None:
+            s_pre = s_pre + self.prefix_bias
+        s_suf = q @ sk.transpose(-1, -2)  # (B, Hkv, rep*T, end): each row against its own response
+        if self._bias is not None:
+            s_suf = (s_suf.view(B, Hkv, rep, T, end) + self._bias).view(B, Hkv, rep * T, end)
+        p = torch.cat([s_pre, self._to_grid(s_suf, fill=float("-inf"))], dim=-1).float().softmax(-1).to(v.dtype)
+
+        out = self._from_grid(p[..., :Tp] @ pv)  # (B, Hkv, rep*T, D)
+        out = out + self._from_grid(p[..., Tp:]) @ sv
+        return out.reshape(B, H, T, D)
 
     # ---- row layout <-> (prompt, group) grid ----
-    def _to_grid(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, Hkv, M, D) per row -> (P, Hkv, Gmax*M, D): each prompt's rows side by side (a copy of q only)."""
-        B, Hkv, M, D = x.shape
+    def _to_grid(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """(B, Hkv, M, X) per row -> (P, Hkv, Gmax*M, X): each prompt's rows side by side (empty slots = fill)."""
+        B, Hkv, M, X = x.shape
         P, G = self.pk.shape[1], self.gmax
         if not self.dense:
-            grid = x.new_zeros(P * G, Hkv, M, D)
+            grid = x.new_full((P * G, Hkv, M, X), fill)
             grid[self.slot] = x
             x = grid
-        return x.view(P, G, Hkv, M, D).transpose(1, 2).reshape(P, Hkv, G * M, D)
+        return x.view(P, G, Hkv, M, X).transpose(1, 2).reshape(P, Hkv, G * M, X)
 
-    def _from_grid(self, x: torch.Tensor, B: int) -> torch.Tensor:
+    def _from_grid(self, x: torch.Tensor) -> torch.Tensor:
         """(P, Hkv, Gmax*M, X) -> (B, Hkv, M, X): the inverse of _to_grid."""
         P, Hkv, GM, X = x.shape
         G = self.gmax
-        x = x.view(P, Hkv, G, GM // G, X).transpose(1, 2).reshape(P * G, Hkv, GM // G, X)
+        x = x.reshape(P, Hkv, G, GM // G, X).transpose(1, 2).reshape(P * G, Hkv, GM // G, X)
         return x if self.dense else x[self.slot]
-
-
-def _partial_softmax(q, k, v, bias):
-    """One block of an attention softmax: (unnormalised output, row max, row sum), scores in fp32.
-
-    q (N, Hkv, M, D) already scaled; k, v (N, Hkv, S, D); bias broadcastable to (N, Hkv, M, S) or None.
-    A row whose keys are all masked gets max -inf -> clamped so that it contributes exp(-inf) = 0 weight.
-    """
-    s = (q @ k.transpose(-1, -2)).float()  # (N, Hkv, M, S)
-    if bias is not None:
-        s = s + bias
-    m = s.amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).min)
-    e = torch.exp(s - m)
-    return (e.to(v.dtype) @ v).float(), m, e.sum(-1, keepdim=True)

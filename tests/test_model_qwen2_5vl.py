@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_model_qwen3vl import (  # noqa: F401  (the test_* names are collected and run here again)
-    ERRORS, IMG, PATCH, TOL, left_pad, make_pixels, make_prompt, test_eager_attention_equals_sdpa,
+    ERRORS, PATCH, TOL, left_pad, make_pixels, test_eager_attention_equals_sdpa,
     test_every_parameter_gets_a_gradient_and_bf16_runs, test_kv_cache_decode_equals_full_forward,
     test_left_padded_batch_with_images_parity, test_left_padded_text_batch_parity, test_logits_to_keep_and_errors,
     test_one_image_parity, test_rope_index_matches_hf, test_text_only_parity,

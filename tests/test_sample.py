@@ -15,7 +15,7 @@ import sample
 import train
 from model.group_cache import GroupCache
 from model.processor import Processor
-from model.tiny import scramble_, tiny_qwen3vl_config
+from model.tiny import scramble_, tiny_qwen2_5vl_config, tiny_qwen3vl_config
 from model.tokenizer import build_tokenizer, special_token_ids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,18 +25,24 @@ PATCH = 8  # small patches: a 32 x 48 image is a (1, 4, 6) grid = 6 image tokens
 STOP = tuple(range(40))  # ~10% of the vocabulary: random-weight rows then stop at different steps
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """(model, processor): a tiny random Qwen3-VL whose special token ids follow a tokenizer built in code."""
+def build_tiny(arch: str):
+    """(model, processor): a tiny random Qwen-VL whose special token ids follow a tokenizer built in code."""
     tok = build_tokenizer(CORPUS, vocab_size=400)
     ids = special_token_ids(tok)
-    cfg = tiny_qwen3vl_config(vocab_size=len(tok), image_token_id=ids["<|image_pad|>"],
-                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                              vision_end_token_id=ids["<|vision_end|>"], patch_size=PATCH)
+    make, patch = {"qwen3_vl": (tiny_qwen3vl_config, PATCH), "qwen2_5_vl": (tiny_qwen2_5vl_config, 14)}[arch]
+    cfg = make(vocab_size=len(tok), image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+               vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+               patch_size=patch)
     torch.manual_seed(0)
-    net = scramble_(model.Qwen3VL(cfg), seed=1).eval()
-    proc = Processor(tok, patch_size=PATCH, min_pixels=16 * 16, max_pixels=64 * 64)
+    cls = {"qwen3_vl": model.Qwen3VL, "qwen2_5_vl": model.Qwen2_5_VL}[arch]
+    net = scramble_(cls(cfg), seed=1).eval()
+    proc = Processor(tok, patch_size=patch, min_pixels=(2 * patch) ** 2, max_pixels=(8 * patch) ** 2)
     return net, proc
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny("qwen3_vl")
 
 
 def image(h, w, seed):
@@ -44,14 +50,26 @@ def image(h, w, seed):
     return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
 
 
-@pytest.fixture(scope="module")
-def prompts(tiny):
+def make_prompts(proc):
     """Image and text prompts of different lengths (one with two images)."""
-    _, proc = tiny
     return [proc.encode("What is in this image?", [image(32, 48, 0)]),
             proc.encode("Is it safe?"),
             proc.encode("Describe <image> and <image> in detail, please.", [image(48, 32, 1), image(32, 32, 2)]),
             proc.encode("What is in this image? Is it safe to use? Describe the picture.", [image(64, 48, 3)])]
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny):
+    return make_prompts(tiny[1])
+
+
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen2_5_vl"])
+def arch(request, tiny, prompts):
+    """Each architecture with its prompts: the parity tests run on both."""
+    if request.param == "qwen3_vl":
+        return tiny[0], prompts
+    net, proc = build_tiny(request.param)
+    return net, make_prompts(proc)
 
 
 def rows_of(ro, r):
@@ -60,8 +78,8 @@ def rows_of(ro, r):
 
 # ----------------------------------------------------------------------------- parity
 
-def test_greedy_equals_cache_free_reference(tiny, prompts):
-    net, _ = tiny
+def test_greedy_equals_cache_free_reference(arch):
+    net, prompts = arch
     ref = sample.reference_generate(net, prompts, max_new_tokens=12)
     stop = (ref[1][4],)  # a token prompt 1 emits at step 5 (maybe earlier too): rows stop at different steps
     ref = sample.reference_generate(net, prompts, max_new_tokens=12, stop_token_ids=stop)
@@ -76,15 +94,16 @@ def test_greedy_equals_cache_free_reference(tiny, prompts):
 def training_logprobs(net, prompts, ro, temperature):
     """The trainer's own recomputation: [left-padded prompt | right-padded response] through train.collate."""
     per_row = [prompts[int(i)] for i in ro.prompt_index]
-    batch = train.collate(per_row, ro.response_ids, ro.response_mask, pad_id=0, device="cpu")
+    batch = train.collate(per_row, ro.response_ids, ro.response_mask, 0, "cpu", net.rope_index,
+                          net.config.image_token_id)
     with torch.no_grad():
         logp, _ = train.response_logprobs(net, batch, ro.response_ids, temperature)
     return logp * ro.response_mask
 
 
 @pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 0.9, 50), (0.0, 1.0, 0)])
-def test_logprobs_equal_training_forward(tiny, prompts, temperature, top_p, top_k):
-    net, _ = tiny
+def test_logprobs_equal_training_forward(arch, temperature, top_p, top_k):
+    net, prompts = arch
     ro = sample.generate(net, prompts, group_size=3, max_new_tokens=10, temperature=temperature, top_p=top_p,
                          top_k=top_k, stop_token_ids=STOP, seed=5)
     assert ro.logprobs.dtype == torch.float32 and len(set(ro.response_mask.sum(1).tolist())) > 1

@@ -1,5 +1,6 @@
 """The toy world (data/toy.py) and its warm start (data/warmstart.py): rules, determinism, responses that
 score as designed, metrics pinned on hand-made responses, and the checkpoint + warm start on a tiny model."""
+import os
 import random
 
 import numpy as np
@@ -187,3 +188,61 @@ def test_greedy_warm_start_scores_as_designed():
     m = toy.metrics(recs, [toy.warmstart_response(r, random.Random(0), 0, 0) for r in recs])
     assert m["format_rate"] == 1.0 and m["compositional_refusal"] == 0.0 and m["over_refusal_safe"] == 0.0
     assert m["reward"] < 0.7      # the reference scores 1.0: room for SafeGRPO to gain >= 0.15
+
+
+# ---------------------------------------------------------------- checkpoint and warm start (tiny model, CPU)
+from data.warmstart import encode_example, make_batch, warm_start   # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    return toy.build_checkpoint(str(tmp_path_factory.mktemp("toy") / "init"), seed=0)
+
+
+def test_checkpoint_loads_like_a_real_one(toy_dir):
+    import model as vlm
+    net, proc = vlm.load(toy_dir), vlm.load_processor(toy_dir)
+    vocab = proc.tokenizer.get_vocab()
+    assert isinstance(net, vlm.Qwen3VL) and net.config.image_token_id == vocab["<|image_pad|>"]
+    assert len(proc.tokenizer) <= net.config.text.vocab_size
+    rec = toy.records("test", 1)[0]
+    enc = proc.encode(rec.prompt, rec.images)
+    grid = toy.IMAGE_SIZE // toy.PATCH_SIZE
+    assert enc["image_grid_thw"].tolist() == [[1, grid, grid]]
+    assert int((enc["input_ids"] == vocab["<|image_pad|>"]).sum()) == grid * grid // 4     # 2x2 merge
+    assert proc.decode(enc["input_ids"]).endswith("<|im_start|>assistant\n<think>\n")
+    resp = toy.reference_response(rec)
+    ids = proc.tokenizer(resp, add_special_tokens=False)["input_ids"]
+    assert proc.decode(ids) == resp and len(ids) < 80
+    # the same seed builds the same weights
+    again = vlm.load(toy.build_checkpoint(os.path.join(os.path.dirname(toy_dir), "again"), seed=0))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+
+
+def test_make_batch_layout():
+    ex = [dict(input_ids=torch.tensor([5, 6, 7]), response_ids=torch.tensor([8, 9])),
+          dict(input_ids=torch.tensor([1, 2]), response_ids=torch.tensor([3, 4, 0]))]
+    b = make_batch(ex, pad_id=99)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 99], [99, 1, 2, 3, 4, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]]
+    assert b["targets"].tolist() == [[8, 9, 99], [3, 4, 0]] and b["target_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert b["pixel_values"] is None and b["image_grid_thw"] is None
+
+
+def test_warm_start_teaches_the_format(toy_dir):
+    import model as vlm
+    from sample import generate
+    torch.manual_seed(0)
+    net, proc = vlm.load(toy_dir), vlm.load_processor(toy_dir)
+    rng = random.Random(0)
+    examples = [(r, toy.warmstart_response(r, rng)) for r in toy.records("train", 256, seed=0)]
+    e = encode_example(proc, *examples[0])
+    assert e["response_ids"][-1] == proc.stop_token_ids[0]          # the target ends the turn
+    losses = warm_start(net, proc, examples, steps=60, lr=3e-3, batch_size=16, seed=0, log=None)
+    assert len(losses) == 60 and losses[-1] < 0.2 * losses[0]
+    recs = toy.records("test", 8)
+    ro = generate(net, [proc.encode(r.prompt, r.images) for r in recs], group_size=1, max_new_tokens=90,
+                  temperature=0.0, stop_token_ids=proc.stop_token_ids, pad_token_id=proc.pad_token_id)
+    texts = [proc.decode(ro.response_ids[i][ro.response_mask[i].bool()].tolist(), skip_special_tokens=True)
+             for i in range(len(recs))]
+    assert toy.metrics(recs, texts)["format_rate"] == 1.0, texts
