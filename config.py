@@ -100,8 +100,9 @@ CHOICES = {
 
 # The toy world trains a ~1M-parameter VLM on CPU in minutes: far higher lr, small batches, short responses.
 TOY_PRESET = dict(
-    epochs=1000, max_steps=60, prompts_per_step=16, group_size=8, mini_batch_prompts=16,
-    micro_batch_size=64, lr=1e-4, warmup_steps=0, kl_coef=0.01, max_prompt_len=512, max_new_tokens=80,
+    epochs=1000, max_steps=100, prompts_per_step=16, group_size=8, mini_batch_prompts=16,
+    micro_batch_size=128, lr=3e-4, lr_schedule="cosine", warmup_steps=0, kl_coef=0.01, max_prompt_len=512,
+    max_new_tokens=80,
     eval_every=0, save_every=20, eval_batch_size=128, step_guided=False,
     toy_train_size=2000, toy_eval_size=300, warmstart_steps=300, warmstart_lr=3e-3, warmstart_batch_size=32,
     out_dir="runs/toy",

@@ -32,7 +32,7 @@ class Rollout:
 # ----------------------------------------------------------------------------- input checks
 
 def check_inputs(model, prompts, group_size, max_new_tokens, temperature, top_p, top_k, prompt_seeds,
-                 max_cache_len=None) -> None:
+                 max_cache_len=None, pad_token_id=0) -> None:
     """Every error we can see before running the model, with the prompt index it concerns."""
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of Processor.encode dicts")
@@ -49,6 +49,8 @@ def check_inputs(model, prompts, group_size, max_new_tokens, temperature, top_p,
     if prompt_seeds is not None and len(prompt_seeds) != len(prompts):
         raise ValueError(f"prompt_seeds has {len(prompt_seeds)} entries for {len(prompts)} prompts")
     cfg = model.config
+    if not 0 <= pad_token_id < cfg.text.vocab_size:
+        raise ValueError(f"pad_token_id {pad_token_id} is not a token id of this model (vocab {cfg.text.vocab_size})")
     context = cfg.text.max_position_embeddings
     merge = cfg.vision.spatial_merge_size
     for i, p in enumerate(prompts):
@@ -197,7 +199,7 @@ def decode_one_token(model, tokens: torch.Tensor, cache, mask: torch.Tensor | No
 
 # ----------------------------------------------------------------------------- generate
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate(model, prompts: list[dict], group_size: int, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, stop_token_ids=(), seed: int = 0, pad_token_id: int = 0,
              prompt_seeds: list[int] | None = None, share_prefix: bool = True,
@@ -207,7 +209,8 @@ def generate(model, prompts: list[dict], group_size: int, max_new_tokens: int, t
     share_prefix=False prefills every prompt G times (a plain KVCache of B rows, the way HF generate does it):
     the slow obvious path, kept for tests and benchmarks. max_cache_len caps the KV slots of a row (prompt +
     response). Each row's samples depend only on (prompt_seeds[i] or (seed, i), sample index): see uniforms()."""
-    check_inputs(model, prompts, group_size, max_new_tokens, temperature, top_p, top_k, prompt_seeds, max_cache_len)
+    check_inputs(model, prompts, group_size, max_new_tokens, temperature, top_p, top_k, prompt_seeds, max_cache_len,
+                 pad_token_id)
     P, G, N = len(prompts), group_size, max_new_tokens
     B = P * G
     stop_ids = torch.tensor(sorted({int(t) for t in stop_token_ids}), dtype=torch.long)
@@ -271,7 +274,7 @@ def generate(model, prompts: list[dict], group_size: int, max_new_tokens: int, t
     )
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def reference_generate(model, prompts: list[dict], max_new_tokens: int, stop_token_ids=()) -> list[list[int]]:
     """The test oracle: greedy, one prompt at a time, a full cache-free forward over the whole sequence per step."""
     out = []

@@ -65,7 +65,10 @@ def cmd_checkpoint(args) -> dict:
     vlm.save(net, args.dir)
     Processor(tok).save(args.dir)  # the Qwen3-VL release's image settings
     n = sum(p.numel() for p in net.parameters())
-    return {"checkpoint": args.dir, "params": n, "build_and_save_s": time.perf_counter() - t0}
+    dt = time.perf_counter() - t0
+    print(f"SUMMARY random Qwen3-VL, {n / 1e9:.3f}B parameters (bf16), built on {device} and saved in {dt:.0f}s",
+          flush=True)
+    return {"checkpoint": args.dir, "params": n, "build_and_save_s": dt}
 
 
 def cmd_data(args) -> dict:
@@ -101,16 +104,16 @@ def sampler_prompt(cfg, device) -> dict:
             "image_grid_thw": torch.tensor([grid], device=device)}
 
 
-def timed_runs(call, runs: int, device) -> dict:
-    """One warm-up call, then `runs` timed calls; peak GPU memory over the timed calls."""
-    call()
+def timed_runs(call, n: int, runs: int, device) -> dict:
+    """call(n_new_tokens): one short warm-up call, then `runs` timed calls of n tokens; peak GPU memory over them."""
+    call(min(n, 16))
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(runs):
         t = time.perf_counter()
-        call()
+        call(n)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
@@ -133,10 +136,10 @@ def cmd_sampler(args) -> dict:
     prompt = sampler_prompt(net.config, device)
     out["prompt_tokens"] = int(prompt["input_ids"].numel())
 
-    def ours():
-        ro = sample.generate(net, [prompt], group_size=G, max_new_tokens=N, temperature=1.0, seed=0)
-        assert int(ro.response_mask.sum()) == G * N, "ours stopped early"
-    out["ours"] = timed_runs(ours, args.runs, device)
+    def ours(n):
+        ro = sample.generate(net, [prompt], group_size=G, max_new_tokens=n, temperature=1.0, seed=0)
+        assert int(ro.response_mask.sum()) == G * n, "ours stopped early"
+    out["ours"] = timed_runs(ours, N, args.runs, device)
     del net
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -148,14 +151,14 @@ def cmd_sampler(args) -> dict:
                   image_grid_thw=prompt["image_grid_thw"])
     if "mm_token_type_ids" in inspect.signature(hf.forward).parameters:  # transformers >= 5.2x wants it
         inputs["mm_token_type_ids"] = (ids == hf.config.image_token_id).int()
-    gen = GenerationConfig(do_sample=True, num_return_sequences=G, max_new_tokens=N, min_new_tokens=N,
-                           temperature=1.0, top_k=0, top_p=1.0, use_cache=True, eos_token_id=None, pad_token_id=0)
 
-    def theirs():
+    def theirs(n):
+        gen = GenerationConfig(do_sample=True, num_return_sequences=G, max_new_tokens=n, min_new_tokens=n,
+                               temperature=1.0, top_k=0, top_p=1.0, use_cache=True, eos_token_id=None, pad_token_id=0)
         with torch.inference_mode():
             seqs = hf.generate(**inputs, generation_config=gen)
-        assert seqs.shape == (G, ids.shape[1] + N), f"HF generated {tuple(seqs.shape)}"
-    out["hf"] = timed_runs(theirs, args.runs, device)
+        assert seqs.shape == (G, ids.shape[1] + n), f"HF generated {tuple(seqs.shape)}"
+    out["hf"] = timed_runs(theirs, N, args.runs, device)
     for side in ("ours", "hf"):
         out[side]["tokens_per_s"] = G * N / out[side]["median_s"]
     out["speedup"] = out["hf"]["median_s"] / out["ours"]["median_s"]

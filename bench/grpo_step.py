@@ -1,9 +1,10 @@
 """One full GRPO step (rollout of G samples + rule reward + loss + backward + AdamW) of ours (train.py) vs TRL's
 GRPOTrainer, on the same tiny random Qwen3-VL checkpoint: steps/s and peak RSS, with and without the KL term.
 
-    .venv-bench/bin/python bench/grpo_step.py [--steps 3] [--warmup 1] [--threads 2] [--kl 0.01,0]
-Needs TRL (bench/requirements-bench.txt, see bench/README.md). Each (side, kl) runs in its own process, so
-its peak RSS (the child's ru_maxrss, from os.wait4) is its own; the ratios are printed last.
+    .venv-bench/bin/python bench/grpo_step.py [--steps 3] [--warmup 1] [--threads 2] [--kl 0.01,0] [--profile]
+Needs TRL (bench/requirements-bench.txt, see bench/README.md). Each side runs in its own process (its peak RSS
+is that process's ru_maxrss, from os.wait4); the two processes take turns step by step, so both meet the same
+machine load. --profile adds a table of where each side's step time goes. The ratios are printed last.
 """
 import argparse
 import json

@@ -2,9 +2,11 @@
 tokens/s, peak RSS growth and KV-cache bytes, at DESIGN.md's reference setting (1 prompt x G=8, 256-token prompt
 with 64 image tokens, 128 new tokens, fp32, 2 threads) and with a 1024-token prompt.
 
-Run: `python bench/sampler.py [--runs 5] [--prompt_lens 256,1024] [--threads 2]`. Each engine runs in its own
-child process (so peak RSS is its own); both generate exactly G x max_new_tokens tokens (HF: min_new_tokens =
-max_new_tokens; ours: no stop tokens). Reported: medians over --runs timed runs after one warm-up run.
+Run: `python bench/sampler.py [--runs 5] [--prompt_lens 256,1024] [--threads 2]`. One child process per prompt
+length loads every engine and interleaves their runs (ours, hf, ours, hf, ...) so that load from other processes
+hits them alike; both generate exactly G x max_new_tokens tokens (HF: min_new_tokens = max_new_tokens; ours: no
+stop tokens). Reported per engine: medians over --runs timed runs after a warm-up run, as wall-clock tokens/s and
+tokens per CPU-second of the process (steadier on a shared machine), peak RSS growth during a call, and KV bytes.
 """
 import argparse
 import json
@@ -102,6 +104,7 @@ def run_ours(path, prompt, G, N, share_prefix=True):
                              share_prefix=share_prefix)
         assert int(ro.response_mask.sum()) == G * N
         return ro.stats["kv_cache_bytes"]
+    call.greedy = lambda n: sample.generate(net, [prompt], 1, n, temperature=0.0).response_ids[0].tolist()
     return call
 
 
@@ -123,6 +126,13 @@ def run_hf(path, prompt, G, N):
         assert out.sequences.shape == (G, ids.shape[1] + N)
         cache = out.past_key_values
         return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+    def greedy(n):
+        with torch.inference_mode():
+            out = hf.generate(**inputs, do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
+                              pad_token_id=0)
+        return out[0, ids.shape[1]:].tolist()
+    call.greedy = greedy
     return call
 
 
@@ -135,15 +145,20 @@ def child(args):
               "ours_no_sharing": lambda: run_ours(args.path, prompt, args.G, args.N, share_prefix=False),
               "hf": lambda: run_hf(args.path, prompt, args.G, args.N)}
     calls = {name: makers[name]() for name in args.engines.split(",")}
-    out = {name: {"times": [], "peak_rss_growth": []} for name in calls}
+    out = {name: {"times": [], "cpu_times": [], "peak_rss_growth": []} for name in calls}
+    if "ours" in calls and "hf" in calls:  # the same model on both sides: greedy decoding agrees
+        ours, theirs = calls["ours"].greedy(16), calls["hf"].greedy(16)
+        if ours != theirs:
+            sys.exit(f"greedy tokens differ: ours {ours}, HF {theirs}")
     for name, call in calls.items():
         out[name]["kv_bytes"] = call()  # warm-up
     for _ in range(args.runs):
         for name, call in calls.items():
             with PeakRSS() as mem:
-                t = time.perf_counter()
+                t, cpu = time.perf_counter(), time.process_time()
                 call()
                 out[name]["times"].append(time.perf_counter() - t)
+                out[name]["cpu_times"].append(time.process_time() - cpu)
             out[name]["peak_rss_growth"].append(mem.growth)
     print(json.dumps(out))
 
@@ -155,7 +170,8 @@ def main():
     ap.add_argument("--G", type=int, default=8, help="group size (HF: num_return_sequences)")
     ap.add_argument("--N", type=int, default=128, help="new tokens per sample")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    ap.add_argument("--engines", default="ours,ours_no_sharing,hf")
+    ap.add_argument("--engines", default="ours,hf",
+                    help="any of ours, hf, ours_no_sharing (sample.py prefilling the prompt G times)")
     ap.add_argument("--engine", help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--prompt_len", type=int, help=argparse.SUPPRESS)
@@ -177,16 +193,19 @@ def main():
             if out.returncode:
                 sys.exit(f"prompt {T} failed:\n{out.stderr}")
             for engine, r in json.loads(out.stdout.strip().splitlines()[-1]).items():
-                sec = statistics.median(r["times"])
-                results[T, engine] = tps = args.G * args.N / sec
-                print(f"prompt {T:5d}  {engine:16s} {tps:8.1f} tokens/s  ({sec:6.2f} s)  "
-                      f"peak RSS +{statistics.median(r['peak_rss_growth']) / 2**20:7.1f} MiB  "
-                      f"KV cache {r['kv_bytes'] / 2**20:6.2f} MiB  runs: {', '.join(f'{t:.2f}' for t in r['times'])}",
-                      flush=True)
+                sec, cpu = statistics.median(r["times"]), statistics.median(r["cpu_times"])
+                results[T, engine] = (args.G * args.N / sec, args.G * args.N / cpu)
+                print(f"prompt {T:5d}  {engine:16s} {args.G * args.N / sec:7.1f} tokens/s wall ({sec:6.2f} s; runs "
+                      f"{', '.join(f'{t:.2f}' for t in r['times'])})  {args.G * args.N / cpu:7.1f} tokens/CPU-s  "
+                      f"peak RSS +{statistics.median(r['peak_rss_growth']) / 2**20:6.1f} MiB  "
+                      f"KV cache {r['kv_bytes'] / 2**20:6.2f} MiB", flush=True)
+    print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on "
+          f"{os.cpu_count()} CPUs")
     if "hf" in args.engines and "ours" in args.engines:
-        ratios = ", ".join(f"{T}-token prompt {results[T, 'ours'] / results[T, 'hf']:.2f}x"
-                           for T in [int(x) for x in args.prompt_lens.split(",")])
-        print(f"ratio sample.py / HF generate (tokens/s): {ratios}")
+        lens = [int(x) for x in args.prompt_lens.split(",")]
+        for k, what in ((0, "wall-clock tokens/s"), (1, "tokens per CPU-second")):
+            ratios = ", ".join(f"{T}-token prompt {results[T, 'ours'][k] / results[T, 'hf'][k]:.2f}x" for T in lens)
+            print(f"ratio sample.py / HF generate ({what}): {ratios}")
 
 
 if __name__ == "__main__":

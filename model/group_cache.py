@@ -31,15 +31,18 @@ class GroupCache:
         Tp = prefix.length
         device, dtype = prefix.k.device, prefix.k.dtype
         self.group_size = group_size
-        # The prefix block: the filled slots of the prefill cache (a view, not a copy).
-        self.pk, self.pv = prefix.k[:, :, :, :Tp], prefix.v[:, :, :, :Tp]
+        # The prefix block: the prefill cache's storage itself (no copy). pk/pv are views of the live prompts.
+        self._pk, self._pv = prefix.k[:, :, :, :Tp], prefix.v[:, :, :, :Tp]
+        self.pk, self.pv = self._pk, self._pv
         # Left padding of the prompts as an additive score bias (P, 1, 1, Tp); None when no prompt is padded.
         valid = prefix.valid[:, :Tp]
         self.prefix_bias = None if bool(valid.all()) else \
             torch.zeros(P, 1, 1, Tp, device=device).masked_fill(~valid[:, None, None, :], float("-inf"))
         B = P * group_size
-        self.sk = torch.zeros(L, B, Hkv, max_new_tokens, D, dtype=dtype, device=device)
-        self.sv = torch.zeros_like(self.sk)
+        # The suffix block, allocated once; sk/sv are views of its first rows (the live ones, see keep).
+        self._sk = torch.zeros(L, B, Hkv, max_new_tokens, D, dtype=dtype, device=device)
+        self._sv = torch.zeros_like(self._sk)
+        self.sk, self.sv = self._sk, self._sv
         self.valid = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
         self.next_position = prefix.next_position.repeat_interleave(group_size)  # (B,)
         self.length = 0  # suffix slots used (the same for every row)
@@ -66,19 +69,30 @@ class GroupCache:
         self.slot = self.row_prompt * self.gmax + rank
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Keep only these rows (increasing indices into the current rows); prompts left without rows go too."""
+        """Keep only these rows (increasing indices into the current rows); prompts left without rows go too.
+
+        Compaction is in place: kept rows move down to the front of the storage (their used slots only), so
+        dropping rows never allocates a second cache; it costs about one read of the kept rows' keys/values."""
         rows = rows.to(self.sk.device)
-        if rows.numel() == 0 or bool((rows[1:] <= rows[:-1]).any()):
-            raise ValueError("GroupCache.keep needs a non-empty increasing list of rows")
-        self.sk, self.sv = self.sk[:, rows], self.sv[:, rows]
+        n = rows.numel()
+        if n == 0 or bool((rows[1:] <= rows[:-1]).any()) or int(rows[-1]) >= self.batch_size:
+            raise ValueError("GroupCache.keep needs a non-empty increasing list of current rows")
+        if not torch.equal(rows, torch.arange(n, device=rows.device)):
+            for store in (self._sk, self._sv):
+                store[:, :n, :, :self.length] = store[:, rows, :, :self.length]  # the gather is a temporary copy
+        self.sk, self.sv = self._sk[:, :n], self._sv[:, :n]
         self.valid, self.next_position = self.valid[rows], self.next_position[rows]
         row_prompt = self.row_prompt[rows]
         alive = torch.unique(row_prompt)  # sorted
         if alive.numel() < self.pk.shape[1]:
-            self.pk, self.pv = self.pk[:, alive], self.pv[:, alive]
+            P = alive.numel()
+            if not torch.equal(alive, torch.arange(P, device=alive.device)):
+                for store in (self._pk, self._pv):
+                    store[:, :P] = store[:, alive]
+            self.pk, self.pv = self._pk[:, :P], self._pv[:, :P]
             if self.prefix_bias is not None:
                 self.prefix_bias = self.prefix_bias[alive]
-            row_prompt = torch.searchsorted(alive, row_prompt)  # renumber prompts 0..P'-1
+            row_prompt = torch.searchsorted(alive, row_prompt)  # renumber prompts 0..P-1
         self.row_prompt = row_prompt
         self._regroup()
 

@@ -81,6 +81,12 @@ def test_images_vary_and_show_an_object():
         assert len(counts) >= 2 and counts.max() < 0.95 * counts.sum()   # not just background
 
 
+def test_color_families_do_not_cross_categories():
+    names = {cat: {c for o in objs for c, _ in toy.OBJECTS[o][3]} for cat, objs in toy.CATEGORY_OBJECTS.items()}
+    assert not names["benign"] & names["hazard"] and not names["benign"] & names["unsafe"]
+    assert not names["hazard"] & names["unsafe"]
+
+
 def test_blank_images_keep_everything_but_the_picture():
     recs = toy.records("test", 5)
     blank = toy.blank_images(recs)
