@@ -24,7 +24,8 @@ class Rollout:
     prompt_index: torch.Tensor   # (B,) long
     response_ids: torch.Tensor   # (B, R) long; pad_token_id past a row's end
     response_mask: torch.Tensor  # (B, R) float, 1 = part of the response (its stop token included)
-    logprobs: torch.Tensor       # (B, R) float32 log-prob under logits / temperature (raw logits if greedy); 0 if masked
+    logprobs: torch.Tensor       # (B, R) float32 log softmax(logits / temperature) of each token, before top-k/top-p
+                                 # filtering, as the trainer recomputes it (raw logits if greedy); 0 where masked
     finish_reason: list          # B strings: "stop" (hit a stop token) or "length" (hit max_new_tokens)
     stats: dict = field(default_factory=dict)  # kv_cache_bytes, row_steps, prefill_s, decode_s
 
@@ -150,7 +151,8 @@ def sample(logits: torch.Tensor, u: torch.Tensor | None, temperature: float, top
     if temperature == 0:
         tokens = z.argmax(-1)
         return tokens, z.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
-    z = z / temperature
+    if temperature != 1.0:
+        z = z / temperature
     logp = z.log_softmax(-1)
     if top_k or top_p < 1.0:
         p = filter_logits(z, top_k, top_p).softmax(-1)

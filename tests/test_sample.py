@@ -1,6 +1,7 @@
-"""sample.py and model/group_cache.py on a tiny random Qwen3-VL (fp32, CPU): greedy parity with the cache-free
-reference decode, log-probs equal to the training forward's, shared prefix == repeated prompt, one vision pass
-per prompt, batch invariance, exact sampling, bad input, and the CLI. Run: .venv/bin/python -m pytest -q tests/test_sample.py
+"""sample.py and model/group_cache.py on tiny random Qwen3-VL / Qwen2.5-VL models (fp32, CPU): greedy parity with
+the cache-free reference decode, log-probs equal to the training forward's, shared prefix == repeated prompt, one
+vision pass per prompt, batch invariance, exact sampling, bad input, and the CLI.
+Run: .venv/bin/python -m pytest -q tests/test_sample.py
 """
 import os
 import subprocess
@@ -20,7 +21,8 @@ from model.tokenizer import build_tokenizer, special_token_ids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = ["What is in this image? Is it safe to use? Describe the picture.",
-          "<think>\nA knife on a table. <visual_safe>safe</visual_safe>\n</think>\n<answer>A kitchen knife.</answer>"] * 20
+          "<think>\nA knife on a table. <visual_safe>safe</visual_safe>\n</think>\n"
+          "<answer>A kitchen knife.</answer>"] * 20
 PATCH = 8  # small patches: a 32 x 48 image is a (1, 4, 6) grid = 6 image tokens
 STOP = tuple(range(40))  # ~10% of the vocabulary: random-weight rows then stop at different steps
 
@@ -80,11 +82,10 @@ def rows_of(ro, r):
 
 def test_greedy_equals_cache_free_reference(arch):
     net, prompts = arch
-    ref = sample.reference_generate(net, prompts, max_new_tokens=12)
-    stop = (ref[1][4],)  # a token prompt 1 emits at step 5 (maybe earlier too): rows stop at different steps
-    ref = sample.reference_generate(net, prompts, max_new_tokens=12, stop_token_ids=stop)
-    assert len({len(r) for r in ref}) > 1
-    ro = sample.generate(net, prompts, group_size=2, max_new_tokens=12, temperature=0.0, stop_token_ids=stop)
+    stop = (sample.reference_generate(net, prompts[1:2], max_new_tokens=5)[0][4],)  # text prompt 1 emits it at step 5
+    ref = sample.reference_generate(net, prompts, max_new_tokens=10, stop_token_ids=stop)
+    assert len({len(r) for r in ref}) > 1  # rows stop at different steps
+    ro = sample.generate(net, prompts, group_size=2, max_new_tokens=10, temperature=0.0, stop_token_ids=stop)
     assert ro.prompt_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     for r in range(8):
         assert rows_of(ro, r) == ref[r // 2], f"row {r}"
@@ -122,6 +123,11 @@ def test_shared_prefix_equals_repeated_prompt(tiny, prompts):
     assert torch.equal(shared.response_mask, repeated.response_mask)
     assert shared.finish_reason == repeated.finish_reason
     assert (shared.logprobs - repeated.logprobs).abs().max() <= 1e-5
+    # the mask comes from positions: pad_token_id (0) is itself a stop token here, and the stop token is kept
+    for r, reason in enumerate(shared.finish_reason):
+        ids = rows_of(shared, r)
+        assert not any(t in STOP for t in ids[:-1])
+        assert (ids[-1] in STOP) == (reason == "stop") and (reason == "stop" or len(ids) == 12)
     assert shared.stats["kv_cache_bytes"] < repeated.stats["kv_cache_bytes"] / 2
     # finished rows leave the batch: one decode row-step per generated token after the first
     assert shared.stats["row_steps"] == int(shared.response_mask.sum()) - shared.response_mask.shape[0]
@@ -251,7 +257,8 @@ def test_bad_input_fails_before_any_compute(tiny, prompts, monkeypatch):
     monkeypatch.setattr(type(net), "forward", lambda *a, **k: pytest.fail("the model ran"))
     check("do not fit the KV cache of 10 slots", max_cache_len=10)
     ids = p0["input_ids"]
-    one_short = dict(p0, input_ids=ids[torch.arange(ids.numel()) != int((ids == net.config.image_token_id).nonzero()[0])])
+    first_pad = int((ids == net.config.image_token_id).nonzero()[0])
+    one_short = dict(p0, input_ids=ids[torch.arange(ids.numel()) != first_pad])
     check("prompt 1 holds 5 image placeholder tokens but its images give 6 features", ps=(p1, one_short))
     check("image placeholder tokens but no image", ps=(dict(p0, pixel_values=None, image_grid_thw=None),))
     check("together", ps=(dict(p0, image_grid_thw=None),))
