@@ -365,7 +365,7 @@ def run_cli(args) -> int:
                   stop_token_ids=processor.stop_token_ids, seed=args.seed, pad_token_id=processor.pad_token_id)
     for r in range(args.n):
         ids = ro.response_ids[r][ro.response_mask[r].bool()].tolist()
-        text = processor.decode(ids)  # as the trainer decodes it for the reward (the stop token included)
+        text = processor.decode(ids, skip_special_tokens=True)  # as the trainer decodes it for the reward
         print(f"=== sample {r} ({len(ids)} tokens, {ro.finish_reason[r]}) ===")
         print(text)
         if labels is not None:

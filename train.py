@@ -33,7 +33,7 @@ def init_distributed(cfg: Config):
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or (cfg.fsdp and "RANK" in os.environ)) and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return rank, world, device
 
@@ -160,8 +160,7 @@ def rollout(policy, processor, prompts, labels, cfg: Config, step: int, prompt_i
                       temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                       stop_token_ids=processor.stop_token_ids, pad_token_id=processor.pad_token_id,
                       prompt_seeds=seeds)
-    texts = [processor.decode(ro.response_ids[r][ro.response_mask[r].bool()].tolist())
-             for r in range(ro.response_ids.shape[0])]
+    texts = decode_responses(processor, ro)
     row_labels = [labels[int(i)] for i in ro.prompt_index]
     scored = [reward_fn(t, lab) for t, lab in zip(texts, row_labels)]
     rewards_t = torch.tensor([s[0] for s in scored], dtype=torch.float32)
@@ -169,6 +168,13 @@ def rollout(policy, processor, prompts, labels, cfg: Config, step: int, prompt_i
         bad = [i for i, s in enumerate(scored) if not math.isfinite(s[0])]
         raise ValueError(f"reward function --reward={cfg.reward} returned non-finite rewards for rows {bad[:10]}")
     return ro, texts, rewards_t, [s[1] for s in scored]
+
+
+def decode_responses(processor, ro) -> list[str]:
+    """Response text as the reward reads it: the stop token (<|im_end|>) is special and dropped, so that
+    `</answer>` ends the text as the format gate requires (PAPER.md section 3)."""
+    return [processor.decode(ro.response_ids[r][ro.response_mask[r].bool()].tolist(), skip_special_tokens=True)
+            for r in range(ro.response_ids.shape[0])]
 
 
 def hash_seed(*parts: int) -> int:
@@ -191,8 +197,7 @@ def evaluate(policy, processor, records, cfg: Config, device, reward_fn, rank: i
         with torch.no_grad(), autocast_ctx(cfg, device):
             ro = generate(policy, prompts, group_size=1, max_new_tokens=cfg.max_new_tokens, temperature=0.0,
                           stop_token_ids=processor.stop_token_ids, pad_token_id=processor.pad_token_id, seed=0)
-        for r, i in enumerate(idx):
-            responses[i] = processor.decode(ro.response_ids[r][ro.response_mask[r].bool()].tolist())
+        responses.update(zip(idx, decode_responses(processor, ro)))
     merged = {}
     for part in all_gather_objects(responses):
         merged.update(part)
@@ -311,7 +316,7 @@ def build_policy(path: str, cfg: Config, device, world: int):
         from torch.distributed._composable import checkpoint
         for block in decoder_blocks(net):
             checkpoint(block)
-    if world > 1 and cfg.fsdp:
+    if cfg.fsdp and dist.is_initialized():
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if device.type == "cuda" and cfg.dtype != "fp32" else MixedPrecisionPolicy()
@@ -335,7 +340,7 @@ def build_reference(path: str, cfg: Config, device):
     return ref.eval()
 
 
-class Rollout_policy:
+class RolloutPolicy:
     """Rollouts need whole parameters: under FSDP2 unshard every block once for the whole generation
     (one all-gather per block per step instead of one per block per decoded token)."""
 
@@ -363,7 +368,7 @@ def save_policy_fn(wrapped, net, cfg: Config, world: int, rank: int):
     import model as vlm
 
     def save_policy(path):
-        if world > 1 and cfg.fsdp:
+        if cfg.fsdp and dist.is_initialized():
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
             sd = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if rank == 0:
@@ -377,6 +382,12 @@ def check_finite(net) -> None:
     bad = [n for n, p in net.named_parameters() if not torch.isfinite(p.detach()).all()]
     if bad:
         raise RuntimeError(f"refusing to save a poisoned checkpoint: non-finite values in {bad[:5]}")
+
+
+def make_optimizer(net, cfg: Config):
+    """AdamW; the fused kernel (3x faster step on CPU here) except on FSDP2's sharded DTensor parameters."""
+    sharded = cfg.fsdp and dist.is_initialized()
+    return torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=not sharded)
 
 
 def make_scheduler(optimizer, cfg: Config, total_updates: int):
@@ -457,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
     policy_path = os.path.join(resume, "policy") if resume else init_path
     wrapped, net = build_policy(policy_path, cfg, device, world)
     ref_model = build_reference(init_path, cfg, device) if cfg.kl_coef > 0 else None
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(net, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps * updates_per_step)
     start_step, nonfinite, summary = 0, 0, {}
     if resume:
@@ -473,7 +484,7 @@ def main(argv: list[str] | None = None) -> dict:
     labels = [r.labels for r in train_records]
 
     def run_eval(tag: str, records) -> dict:
-        with Rollout_policy(wrapped, net, cfg.fsdp and world > 1) as pol:
+        with RolloutPolicy(wrapped, net, cfg.fsdp and dist.is_initialized()) as pol:
             m = evaluate(pol, processor, records, cfg, device, reward_fn, rank, world)
         log(f"eval[{tag}] " + " ".join(f"{k}={v:.3f}" for k, v in m.items() if isinstance(v, float)), flush=True)
         return m
@@ -500,7 +511,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.time()
         ids = step_prompt_ids(step, len(train_records), cfg)[rank::world]   # this rank's prompts
         prompts = encode_records(processor, [train_records[i] for i in ids], cfg)
-        with Rollout_policy(wrapped, net, cfg.fsdp and world > 1) as pol:
+        with RolloutPolicy(wrapped, net, cfg.fsdp and dist.is_initialized()) as pol:
             ro, texts, rew, comps = rollout(pol, processor, prompts, [labels[i] for i in ids], cfg, step, ids,
                                             reward_fn, device)
         t_rollout = time.time() - t0

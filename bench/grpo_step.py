@@ -239,7 +239,7 @@ def run_ours(ckpt: str, kl: float, steps: int, warmup: int, threads: int, profil
     for step in range(warmup + steps):
         clock.begin()
         prompts = train.encode_records(processor, [record], cfg)  # main() encodes every step, as TRL does
-        with train.Rollout_policy(wrapped, net, False) as pol:
+        with train.RolloutPolicy(wrapped, net, False) as pol:
             ro, texts, rew, comps = train.rollout(pol, processor, prompts, [LABELS], cfg, step, [0], reward_fn, device)
         advantages = grpo.group_advantages(rew, cfg.group_size, scale=cfg.adv_scale)
         train.train_on_rollouts(wrapped, ref_model, optimizer, scheduler, prompts, ro, advantages, cfg, device,

@@ -263,4 +263,4 @@ class LocalModelJudge:
                                      temperature=0.0, stop_token_ids=self.processor.stop_token_ids,
                                      pad_token_id=self.processor.pad_token_id, seed=0)
             ids = rollout.response_ids[0][rollout.response_mask[0].bool()].tolist()
-        return JudgeReply(self.processor.decode(ids), 1)
+        return JudgeReply(self.processor.decode(ids, skip_special_tokens=True), 1)

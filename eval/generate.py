@@ -187,7 +187,7 @@ def generate_outputs(load_model, records, path: str, config: GenerationConfig, b
             ids_r = rollout.response_ids[r][rollout.response_mask[r].bool()].tolist()
             if rollout.finish_reason[r] == "stop":          # the stop token ends the turn; it is not text
                 ids_r = ids_r[:-1]
-            response = processor.decode(ids_r)
+            response = processor.decode(ids_r, skip_special_tokens=True)
             think, answer, source = split_response(response, opened_think)
             row = {"id": record.id, "sample": s, "benchmark": benchmark, "subset": record.subset,
                    "question": record.prompt, "user_text": texts[r // G], "response": response, "think": think,

@@ -452,7 +452,7 @@ def test_local_model_judge_follows_the_sample_contract(monkeypatch):
             calls["text"], calls["images"] = text, images
             return {"input_ids": torch.tensor([5, 6])}
 
-        def decode(self, ids):
+        def decode(self, ids, skip_special_tokens=False):
             return "".join(chr(i) for i in ids)
 
     def generate(model, prompts, group_size, max_new_tokens, temperature=1.0, stop_token_ids=(), pad_token_id=0, seed=0):

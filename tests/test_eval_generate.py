@@ -62,7 +62,7 @@ class CharProcessor:
         assert all(im.mode == "RGB" for im in images)
         return {"input_ids": torch.tensor([ord(c) for c in text]), "pixel_values": None, "image_grid_thw": None}
 
-    def decode(self, ids):
+    def decode(self, ids, skip_special_tokens=False):
         return "".join(chr(i) for i in ids)
 
 

@@ -53,11 +53,26 @@ def test_few_step_run_has_finite_metrics_and_outputs(toy_run):
     assert saved["step"] == 3 and saved["config"]["max_steps"] == 3
 
 
-def test_resume_reproduces_the_uninterrupted_run(toy_run, tmp_path):
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_reproduces_the_uninterrupted_run(toy_run, tmp_path, monkeypatch):
     out_full, _ = toy_run
     out = str(tmp_path / "resumed")
-    train.main(TINY + [f"--out_dir={out}", "--max_steps=1"])
-    # the second invocation resumes from step 1 and runs steps 2 and 3
+    real_save = trainstate.save_checkpoint
+
+    def save_then_die(out_dir, step, *args, **kw):  # the run is interrupted right after checkpoint 1
+        path = real_save(out_dir, step, *args, **kw)
+        if step == 1:
+            raise Interrupted
+        return path
+
+    monkeypatch.setattr(trainstate, "save_checkpoint", save_then_die)
+    with pytest.raises(Interrupted):
+        train.main(TINY + [f"--out_dir={out}"])
+    monkeypatch.setattr(trainstate, "save_checkpoint", real_save)
+    # the second invocation resumes from step 1 and runs steps 2 and 3 with the same schedule
     train.main(TINY + [f"--out_dir={out}", "--resume=true"])
     assert read_metrics(out) == read_metrics(out_full)
 
@@ -206,3 +221,22 @@ def test_real_checkpoint_and_safetag_dataset(tmp_path):
     model.load(os.path.join(trainstate.latest_checkpoint(out), "policy"))
     cfg = json.load(open(os.path.join(trainstate.latest_checkpoint(out), "trainer_state.json")))["config"]
     assert cfg["step_guided"] is True and cfg["lr"] == 1e-5 and cfg["group_size"] == 2
+
+
+def test_decoded_response_with_stop_token_passes_the_format_gate(tmp_path):
+    """The sampler keeps the stop token in the response; the reward must see the text without it."""
+    import model
+    import rewards
+    from data import toy
+    from sample import Rollout
+    toy.build_checkpoint(str(tmp_path), seed=0)
+    processor = model.load_processor(str(tmp_path))
+    rec = toy.records("test", 1, seed=0)[0]
+    text = toy.reference_response(rec)
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"] + [processor.stop_token_ids[0]]
+    ro = Rollout(prompt_index=torch.zeros(1, dtype=torch.long), response_ids=torch.tensor([ids + [0, 0]]),
+                 response_mask=torch.tensor([[1.0] * len(ids) + [0.0, 0.0]]), logprobs=torch.zeros(1, len(ids) + 2),
+                 finish_reason=["stop"])
+    decoded = train.decode_responses(processor, ro)
+    assert decoded == [text]
+    assert rewards.score(decoded[0], rec.labels)[0] == 1.0
