@@ -65,6 +65,7 @@ class Config:
     dtype: str = "auto"                # auto (fp32 on CPU, bf16 autocast on GPU) | fp32 | bf16
     fsdp: bool = False                 # FSDP2 fully_shard per decoder block instead of DDP
     activation_checkpointing: bool = False
+    shared_prefix: bool = True         # training forward runs each prompt (and image) once per group, not G times
     max_nonfinite: int = 3             # stop after this many skipped (non-finite) updates
     threads: int = 0                   # torch CPU threads per process (0: leave torch's default)
     # ---- toy world (used when model == "toy")
@@ -100,8 +101,8 @@ CHOICES = {
 
 # The toy world trains a ~1M-parameter VLM on CPU in minutes: far higher lr, small batches, short responses.
 TOY_PRESET = dict(
-    epochs=1000, max_steps=100, prompts_per_step=16, group_size=8, mini_batch_prompts=16,
-    micro_batch_size=128, lr=3e-4, lr_schedule="cosine", warmup_steps=0, kl_coef=0.01, max_prompt_len=512,
+    epochs=1000, max_steps=120, prompts_per_step=32, group_size=8, mini_batch_prompts=32,
+    micro_batch_size=256, lr=5e-4, lr_schedule="cosine", warmup_steps=0, kl_coef=0.01, max_prompt_len=512,
     max_new_tokens=80,
     eval_every=0, save_every=20, eval_batch_size=128, step_guided=False,
     toy_train_size=2000, toy_eval_size=300, warmstart_steps=300, warmstart_lr=3e-3, warmstart_batch_size=32,

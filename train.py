@@ -17,6 +17,7 @@ import grpo
 import rewards
 import trainstate
 from config import Config, help_text, parse_config
+from model.prefix import GroupedForward, grouped_logits
 from trainlog import MetricsLog, plot_curves
 
 
@@ -288,17 +289,42 @@ def chunks(xs: list, n: int):
 
 
 def micro_logprobs(model, prompts, ro, rows: list[int], cfg: Config, device, pad_id: int):
-    """Training-forward log-probs for some rollout rows, trimmed to their longest response."""
+    """Training-forward log-probs for some rollout rows, trimmed to their longest response.
+
+    With cfg.shared_prefix the rows' distinct prompts run once and their rows attend to them (model/prefix.py);
+    otherwise every row is [its prompt | its response] (the prompt recomputed G times)."""
     mask = ro.response_mask[rows]
     R = max(1, int(mask.sum(1).max()))
     resp = ro.response_ids[rows][:, :R]
     mask = mask[:, :R]
+    if cfg.shared_prefix:
+        batch = collate_groups(prompts, ro.prompt_index[rows], resp, mask, pad_id, device)
+        with autocast_ctx(cfg, device):
+            if isinstance(getattr(model, "module", None), GroupedForward):  # DDP around GroupedForward
+                logits = model(**batch)
+            else:
+                logits = grouped_logits(model, **batch)
+            logp = grpo.token_logprobs(logits, resp.to(device), temperature=cfg.temperature)
+        return logp, logits, resp.to(device), mask.to(device).float()
     net = getattr(model, "module", model)  # DDP keeps the model in .module
     batch = collate([prompts[int(ro.prompt_index[r])] for r in rows], resp, mask, pad_id, device,
                     net.rope_index, net.config.image_token_id)
     with autocast_ctx(cfg, device):
         logp, logits = response_logprobs(model, batch, resp.to(device), cfg.temperature)
     return logp, logits, resp.to(device), mask.to(device).float()
+
+
+def collate_groups(prompts: list[dict], prompt_index: torch.Tensor, response_ids, response_mask, pad_id: int,
+                   device) -> dict:
+    """grouped_logits' inputs: the distinct prompts of these rows (left-padded, in first-seen order), their
+    images, and each row's prompt number."""
+    from sample import left_pad
+    order = list(dict.fromkeys(int(i) for i in prompt_index))
+    local = {p: u for u, p in enumerate(order)}
+    ids, real, pix, grid = left_pad([prompts[p] for p in order], pad_id, device)
+    return dict(prompt_ids=ids, prompt_mask=real, pixel_values=pix, image_grid_thw=grid,
+                response_ids=response_ids.to(device), response_mask=response_mask.to(device),
+                row_prompt=torch.tensor([local[int(i)] for i in prompt_index], device=device))
 
 
 # ----------------------------------------------------------------------------- models
@@ -326,7 +352,9 @@ def build_policy(path: str, cfg: Config, device, world: int):
         return net, net
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        ddp = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+        # with shared_prefix both passes of a micro-batch are one DDP forward (GroupedForward)
+        inner = GroupedForward(net) if cfg.shared_prefix else net
+        ddp = DDP(inner, device_ids=[device.index] if device.type == "cuda" else None)
         return ddp, net
     return net, net
 
@@ -521,9 +549,16 @@ def main(argv: list[str] | None = None) -> dict:
         n_gen = float(ro.response_mask.sum())
         keys = ("format", "tag", "behavior", "visual_correct", "text_correct", "combined_correct", "refused")
         local = [float(rew.sum()), float(len(rew)), n_gen] + [float(sum(float(c.get(k, 0)) for c in comps)) for k in keys]
+        # refusals split by the reference verdict: rising over_refusal means the policy learns "refuse" blindly
+        unsafe = [labels[ids[int(i)]].get("combine_tag") == "unsafe" for i in ro.prompt_index]
+        refused = [bool(c.get("refused")) for c in comps]
+        local += [float(sum(unsafe)), float(sum(r and u for r, u in zip(refused, unsafe))),
+                  float(sum(r and not u for r, u in zip(refused, unsafe)))]
         tot = all_reduce_sum(local, device)
+        n_unsafe, n_safe = tot[-3], tot[1] - tot[-3]
         m = {"reward": tot[0] / tot[1], "response_len": tot[2] / tot[1],
-             **{k: v / tot[1] for k, v in zip(keys, tot[3:])},
+             **{k: v / tot[1] for k, v in zip(keys, tot[3:3 + len(keys)])},
+             "refusal_unsafe": tot[-2] / max(n_unsafe, 1), "over_refusal_safe": tot[-1] / max(n_safe, 1),
              "kl": stats.get("kl", 0.0), "clipfrac": stats.get("clipfrac_low", 0.0) + stats.get("clipfrac_high", 0.0),
              "entropy": stats.get("entropy", 0.0), "pg_loss": stats.get("pg_loss", 0.0),
              "ratio_max": stats.get("ratio_max", 0.0), "grad_norm": stats["grad_norm"],

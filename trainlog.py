@@ -5,7 +5,8 @@ import os
 # The console line: (metric key, label, format) in the order printed.
 CONSOLE = [
     ("reward", "reward", "{:.3f}"), ("format", "fmt", "{:.2f}"), ("tag", "tag", "{:.2f}"),
-    ("behavior", "beh", "{:.2f}"), ("kl", "kl", "{:.4f}"), ("clipfrac", "clip", "{:.3f}"),
+    ("behavior", "beh", "{:.2f}"), ("refusal_unsafe", "ref+", "{:.2f}"), ("over_refusal_safe", "ref-", "{:.2f}"),
+    ("kl", "kl", "{:.4f}"), ("clipfrac", "clip", "{:.3f}"),
     ("entropy", "ent", "{:.3f}"), ("response_len", "len", "{:.1f}"), ("grad_norm", "gnorm", "{:.3f}"),
     ("tokens_per_s", "tok/s", "{:.0f}"), ("step_time", "s", "{:.2f}"),
 ]
@@ -59,7 +60,7 @@ class MetricsLog:
 
 
 def plot_curves(rows: list[dict], path: str,
-                keys=("reward", "format", "tag", "behavior", "kl", "entropy", "response_len", "clipfrac")) -> str | None:
+                keys=("reward", "format", "tag", "behavior", "refusal_unsafe", "over_refusal_safe", "kl", "entropy", "response_len", "clipfrac")) -> str | None:
     """A grid of metric-vs-step curves saved as PNG (matplotlib, Agg backend: no display needed)."""
     rows = [r for r in rows if "reward" in r]
     keys = [k for k in keys if any(k in r for r in rows)]

@@ -48,6 +48,9 @@ def test_records_follow_their_subset():
         else:
             assert m["kind"] == "compositional"
             assert m["category"] == ("hazard" if r.subset == "compositional_unsafe" else "benign")
+        # the labels alone mark compositional risk (image safe, text safe, combination unsafe): metrics rely on it
+        hidden = r.labels["image_tag"] == r.labels["text_tag"] == "safe" and r.labels["combine_tag"] == "unsafe"
+        assert hidden == (r.subset == "compositional_unsafe")
 
 
 def test_compositional_questions_need_the_image():

@@ -42,6 +42,7 @@ def test_few_step_run_has_finite_metrics_and_outputs(toy_run):
         for k in ("reward", "format", "kl", "entropy", "grad_norm", "response_len", "pg_loss"):
             assert k in r and r[k] == r[k] and abs(r[k]) < 1e6, (k, r)
         assert 0.0 <= r["reward"] <= 1.0
+        assert 0.0 <= r["refusal_unsafe"] <= 1.0 and 0.0 <= r["over_refusal_safe"] <= 1.0
     for block in ("before", "after", "after_image_blank"):
         assert set(summary[block]) >= {"reward", "format_rate", "combined_acc", "refusal_unsafe",
                                        "over_refusal_safe", "compositional_refusal"}

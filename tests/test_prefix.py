@@ -1,0 +1,88 @@
+"""model/prefix.py: the training forward with each prompt once per group equals the per-row forward (prompt
+recomputed in every row) in log-probs and in gradients, on both architectures, with left-padded prompts of
+different lengths, zero/one/two images, right-padded responses, a sampled <|image_pad|> id in a response, and
+micro-batches that split a group.
+Run: .venv/bin/python -m pytest -q tests/test_prefix.py
+"""
+import pytest
+import torch
+
+import sample
+import train
+from config import Config
+from model.prefix import GroupedForward, grouped_logits
+from tests.test_sample import STOP, build_tiny, make_prompts
+
+
+def rollouts(net, prompts, G=3, n=10, seed=4):
+    ro = sample.generate(net, prompts, group_size=G, max_new_tokens=n, temperature=1.0, stop_token_ids=STOP,
+                         seed=seed)
+    for name in ("response_ids", "response_mask", "logprobs"):  # out of inference mode, for autograd
+        setattr(ro, name, getattr(ro, name).clone())
+    return ro
+
+
+def logprobs_and_grads(net, prompts, ro, rows, shared: bool):
+    cfg = Config(model="x", data="x", prompts_per_step=1, mini_batch_prompts=1, device="cpu", dtype="fp32",
+                 shared_prefix=shared)
+    net.zero_grad(set_to_none=True)
+    logp, _, _, mask = train.micro_logprobs(net, prompts, ro, rows, cfg, torch.device("cpu"), 0)
+    # a loss that weighs every token differently, so a misplaced gradient cannot cancel out
+    w = torch.linspace(0.5, 1.5, mask.numel()).view_as(mask)
+    (logp * mask * w).sum().backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    return (logp * mask).detach(), grads
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
+def test_grouped_equals_per_row(arch):
+    net, proc = build_tiny(arch)
+    net.train()
+    prompts = make_prompts(proc)  # image, text, two images, longer image prompt: lengths differ
+    ro = rollouts(net, prompts)
+    assert len(set(ro.response_mask.sum(1).tolist())) > 1  # right padding is exercised
+    for rows in (list(range(len(ro.prompt_index))),      # the whole step
+                 [1, 2, 3, 4],                             # a micro-batch that splits two groups
+                 [6, 7, 8]):                               # one group: the prompt's k/v reach the rows by expand
+        a, ga = logprobs_and_grads(net, prompts, ro, rows, shared=False)
+        b, gb = logprobs_and_grads(net, prompts, ro, rows, shared=True)
+        assert (a - b).abs().max() <= 1e-5, rows
+        assert ga.keys() == gb.keys()
+        for name in ga:
+            assert (ga[name] - gb[name]).abs().max() <= 1e-5 * (1 + ga[name].abs().max()), (rows, name)
+
+
+def test_sampled_image_token_in_a_response_is_text():
+    """A policy can sample the <|image_pad|> id: it must stay a text token in both forwards (no image slot)."""
+    net, proc = build_tiny("qwen3_vl")
+    prompts = make_prompts(proc)
+    ro = rollouts(net, prompts, G=2, n=6)
+    ro.response_ids[1, 2] = net.config.image_token_id
+    ro.response_mask[1, :4] = 1
+    a, _ = logprobs_and_grads(net, prompts, ro, [0, 1, 2], shared=False)
+    b, _ = logprobs_and_grads(net, prompts, ro, [0, 1, 2], shared=True)
+    assert (a - b).abs().max() <= 1e-5
+
+
+def test_sampler_logprobs_equal_grouped_forward():
+    """The PPO ratio is exactly 1 at the first inner step: sampler log-probs == grouped training forward."""
+    net, proc = build_tiny("qwen3_vl")
+    prompts = make_prompts(proc)
+    ro = rollouts(net, prompts, G=4, n=12, seed=9)
+    with torch.no_grad():
+        cfg = Config(model="x", data="x", prompts_per_step=1, mini_batch_prompts=1, device="cpu", dtype="fp32")
+        logp = train.micro_logprobs(net, prompts, ro, list(range(len(ro.prompt_index))), cfg,
+                                    torch.device("cpu"), 0)[0]
+    R = logp.shape[1]
+    diff = (logp - ro.logprobs[:, :R]) * ro.response_mask[:, :R]
+    assert diff.abs().max() <= 1e-5
+
+
+def test_grouped_forward_module_is_the_function():
+    net, proc = build_tiny("qwen3_vl")
+    prompts = make_prompts(proc)
+    ro = rollouts(net, prompts, G=2, n=5)
+    batch = train.collate_groups(prompts, ro.prompt_index, ro.response_ids, ro.response_mask, 0, "cpu")
+    assert batch["prompt_ids"].shape[0] == len(prompts) and batch["row_prompt"].tolist() == ro.prompt_index.tolist()
+    with torch.no_grad():
+        assert torch.equal(GroupedForward(net)(**batch), grouped_logits(net, **batch))
