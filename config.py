@@ -101,7 +101,7 @@ CHOICES = {
 
 # The toy world trains a ~1M-parameter VLM on CPU in minutes: far higher lr, small batches, short responses.
 TOY_PRESET = dict(
-    epochs=1000, max_steps=120, prompts_per_step=32, group_size=8, mini_batch_prompts=32,
+    epochs=1000, max_steps=150, prompts_per_step=32, group_size=8, mini_batch_prompts=32,
     micro_batch_size=256, lr=5e-4, lr_schedule="cosine", warmup_steps=0, kl_coef=0.01, max_prompt_len=512,
     max_new_tokens=80,
     eval_every=0, save_every=20, eval_batch_size=128, step_guided=False,
