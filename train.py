@@ -391,23 +391,38 @@ class RolloutPolicy:
         self.net.train()
 
 
-def save_policy_fn(wrapped, net, cfg: Config, world: int, rank: int):
-    """A function writing the policy in HF layout (under FSDP, gathered to full tensors first)."""
-    import model as vlm
+def full_states(wrapped, net, optimizer, cfg: Config):
+    """(a function writing the policy in HF layout, the optimizer state) for a checkpoint.
 
-    def save_policy(path):
-        if cfg.fsdp and dist.is_initialized():
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-            sd = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if rank == 0:
-                vlm.save(net, path, state_dict=sd)
-        elif rank == 0:
-            vlm.save(net, path)
-    return save_policy
+    Under FSDP2 both are gathered to full CPU tensors (optimizer state keyed by parameter name): a collective that
+    every rank must enter, although only rank 0 writes."""
+    import model as vlm
+    if cfg.fsdp and dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        model_sd, optim_sd = get_state_dict(wrapped, optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return (lambda path: vlm.save(net, path, state_dict=model_sd)), optim_sd
+    return (lambda path: vlm.save(net, path)), optimizer.state_dict()
+
+
+def load_optimizer_state(wrapped, optimizer, state: dict, cfg: Config) -> None:
+    if cfg.fsdp and dist.is_initialized():  # a full, name-keyed state: every rank keeps its own shard of it
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
 
 
 def check_finite(net) -> None:
-    bad = [n for n, p in net.named_parameters() if not torch.isfinite(p.detach()).all()]
+    """Every rank checks its own parameters (its shard under FSDP) and all agree, so that none enters the
+    checkpoint's collective while another raises."""
+    bad = [n for n, p in net.named_parameters()
+           if not bool(torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p.detach()).all())]
+    if dist.is_initialized():
+        flag = torch.tensor([float(len(bad))], device=next(net.parameters()).device)
+        dist.all_reduce(flag)
+        if float(flag) and not bad:
+            bad = ["(on another rank)"]
     if bad:
         raise RuntimeError(f"refusing to save a poisoned checkpoint: non-finite values in {bad[:5]}")
 
@@ -501,14 +516,13 @@ def main(argv: list[str] | None = None) -> dict:
     start_step, nonfinite, summary = 0, 0, {}
     if resume:
         ck = trainstate.load_checkpoint(resume)
-        optimizer.load_state_dict(ck["optimizer"])
+        load_optimizer_state(wrapped, optimizer, ck["optimizer"], cfg)
         scheduler.load_state_dict(ck["trainer_state"]["scheduler"])
         start_step, nonfinite = ck["trainer_state"]["step"], ck["trainer_state"]["nonfinite"]
         summary = ck["trainer_state"].get("summary", {})
         log(f"resumed from {resume} at step {start_step}", flush=True)
     metrics_log = MetricsLog(cfg.out_dir, rank == 0, cfg.wandb, cfg.wandb_project,
                              __import__("json").loads(cfg.to_json()), resume_step=start_step)
-    save_policy = save_policy_fn(wrapped, net, cfg, world, rank)
     labels = [r.labels for r in train_records]
 
     def run_eval(tag: str, records) -> dict:
@@ -522,11 +536,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     def checkpoint(step: int):
         check_finite(net)
-        trainstate.save_checkpoint(cfg.out_dir, step, save_policy, optimizer.state_dict(),
-                                   {"step": step, "nonfinite": nonfinite, "scheduler": scheduler.state_dict(),
-                                    "cursor": step * cfg.prompts_per_step, "summary": summary,
-                                    "config": __import__("json").loads(cfg.to_json())},
-                                   keep_last=cfg.keep_last) if rank == 0 else None
+        save_policy, optim_state = full_states(wrapped, net, optimizer, cfg)  # every rank: FSDP gathers
+        if rank == 0:
+            trainstate.save_checkpoint(cfg.out_dir, step, save_policy, optim_state,
+                                       {"step": step, "nonfinite": nonfinite, "scheduler": scheduler.state_dict(),
+                                        "cursor": step * cfg.prompts_per_step, "summary": summary,
+                                        "config": __import__("json").loads(cfg.to_json())},
+                                       keep_last=cfg.keep_last)
         barrier()
 
     try:
