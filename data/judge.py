@@ -140,6 +140,20 @@ def data_uri(data: bytes) -> str:
 
 # ----------------------------------------------------------------------------- OpenAI-compatible endpoint
 
+def chat_endpoint(base_url: str) -> str:
+    """A base URL (".../v1") or the full endpoint -> ".../chat/completions"."""
+    base = base_url.rstrip("/")
+    return base if base.endswith("/chat/completions") else base + "/chat/completions"
+
+
+def url_opener(url: str):
+    """urllib opener for `url`: a local server is reached directly even when an HTTP proxy is configured in the
+    environment (an HTTP_PROXY meant for the internet would otherwise swallow requests to 127.0.0.1)."""
+    host = urllib.parse.urlparse(url).hostname or ""
+    return urllib.request.build_opener(*([urllib.request.ProxyHandler({})]
+                                         if host in ("127.0.0.1", "localhost", "::1") else []))
+
+
 class OpenAIJudge:
     """POST {base_url}/chat/completions with the image as a data URI; retries with exponential backoff.
 
@@ -149,12 +163,8 @@ class OpenAIJudge:
     def __init__(self, base_url: str, model: str, api_key: str | None = None, prompt: str = JUDGE_PROMPT,
                  timeout: float = 120.0, max_retries: int = 4, backoff: float = 2.0, max_backoff: float = 60.0,
                  temperature: float | None = 0.0, max_tokens: int | None = None, extra_body: dict | None = None):
-        base = base_url.rstrip("/")
-        self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
-        host = urllib.parse.urlparse(self.url).hostname or ""
-        # a local server is reached directly even when an HTTP proxy is configured in the environment
-        handlers = [urllib.request.ProxyHandler({})] if host in ("127.0.0.1", "localhost", "::1") else []
-        self.opener = urllib.request.build_opener(*handlers)
+        self.url = chat_endpoint(base_url)
+        self.opener = url_opener(self.url)
         self.model, self.api_key, self.prompt = model, api_key, prompt
         self.timeout, self.max_retries, self.backoff, self.max_backoff = timeout, max_retries, backoff, max_backoff
         self.temperature, self.max_tokens, self.extra_body = temperature, max_tokens, extra_body or {}

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
+from data.judge import chat_endpoint, url_opener
 from eval.generate import append_jsonl, read_jsonl, write_json
 from eval.templates import Template, file_stem, fill_template, python_literals, template_fields
 
@@ -150,8 +151,7 @@ class ChatClient:
 
     @property
     def endpoint(self) -> str:
-        url = self.url.rstrip("/")
-        return url if url.endswith("/chat/completions") else url + "/chat/completions"
+        return chat_endpoint(self.url)
 
     def complete(self, prompt: str, image_paths: list[str] = ()) -> str:
         content = prompt
@@ -169,7 +169,7 @@ class ChatClient:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with url_opener(self.endpoint).open(request, timeout=self.timeout) as response:
                     payload = response.read()
             except urllib.error.HTTPError as e:
                 last = f"HTTP {e.code}: {e.read()[:300].decode(errors='replace')}"

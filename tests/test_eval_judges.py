@@ -351,3 +351,13 @@ def test_run_judge_resumes_after_a_failure(server, tmp_path):
     warmer = LLMJudge(ChatClient(s.url, temperature=0.5), make_router("figstep"))   # same name, other settings
     with pytest.raises(ValueError, match="judged with other settings"):
         run_judge(warmer, rows, path, progress=False)
+
+
+def test_local_judge_bypasses_an_environment_proxy(server, monkeypatch):
+    """An HTTP proxy meant for the internet (HTTP_PROXY) must not swallow requests to a judge on 127.0.0.1."""
+    s = server(lambda body, n: (200, completion("Verdict: safe")))
+    for var in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")   # nothing listens there: through it, the request fails
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert ChatClient(s.url, max_retries=0, timeout=5).complete("p") == "Verdict: safe"
