@@ -301,10 +301,10 @@ def micro_logprobs(model, prompts, ro, rows: list[int], cfg: Config, device, pad
         batch = collate_groups(prompts, ro.prompt_index[rows], resp, mask, pad_id, device)
         with autocast_ctx(cfg, device):
             if isinstance(getattr(model, "module", None), GroupedForward):  # DDP around GroupedForward
-                logits = model(**batch)
+                logits, anchor = model(**batch)
             else:
-                logits = grouped_logits(model, **batch)
-            logp = grpo.token_logprobs(logits, resp.to(device), temperature=cfg.temperature)
+                logits, anchor = grouped_logits(model, **batch)
+            logp = grpo.token_logprobs(logits, resp.to(device), temperature=cfg.temperature) + anchor
         return logp, logits, resp.to(device), mask.to(device).float()
     net = getattr(model, "module", model)  # DDP keeps the model in .module
     batch = collate([prompts[int(ro.prompt_index[r])] for r in rows], resp, mask, pad_id, device,
@@ -406,9 +406,10 @@ def full_states(wrapped, net, optimizer, cfg: Config):
 
 
 def load_optimizer_state(wrapped, optimizer, state: dict, cfg: Config) -> None:
-    if cfg.fsdp and dist.is_initialized():  # a full, name-keyed state: every rank keeps its own shard of it
+    if cfg.fsdp and dist.is_initialized():  # rank 0 holds the full, name-keyed state; each rank keeps its shard
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(wrapped, optimizer, state,
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     else:
         optimizer.load_state_dict(state)
 
@@ -515,7 +516,8 @@ def main(argv: list[str] | None = None) -> dict:
     scheduler = make_scheduler(optimizer, cfg, total_steps * updates_per_step)
     start_step, nonfinite, summary = 0, 0, {}
     if resume:
-        ck = trainstate.load_checkpoint(resume)
+        # under FSDP only rank 0 reads the optimizer tensors (a full fp32 AdamW state per rank would not fit)
+        ck = trainstate.load_checkpoint(resume, optimizer=rank == 0 or not (cfg.fsdp and dist.is_initialized()))
         load_optimizer_state(wrapped, optimizer, ck["optimizer"], cfg)
         scheduler.load_state_dict(ck["trainer_state"]["scheduler"])
         start_step, nonfinite = ck["trainer_state"]["step"], ck["trainer_state"]["nonfinite"]
@@ -574,7 +576,8 @@ def main(argv: list[str] | None = None) -> dict:
         n_unsafe, n_safe = tot[-3], tot[1] - tot[-3]
         m = {"reward": tot[0] / tot[1], "response_len": tot[2] / tot[1],
              **{k: v / tot[1] for k, v in zip(keys, tot[3:3 + len(keys)])},
-             "refusal_unsafe": tot[-2] / max(n_unsafe, 1), "over_refusal_safe": tot[-1] / max(n_safe, 1),
+             "refusal_unsafe": tot[-2] / n_unsafe if n_unsafe else math.nan,     # NaN: no such row this step
+             "over_refusal_safe": tot[-1] / n_safe if n_safe else math.nan,
              "kl": stats.get("kl", 0.0), "clipfrac": stats.get("clipfrac_low", 0.0) + stats.get("clipfrac_high", 0.0),
              "entropy": stats.get("entropy", 0.0), "pg_loss": stats.get("pg_loss", 0.0),
              "ratio_max": stats.get("ratio_max", 0.0), "grad_norm": stats["grad_norm"],

@@ -121,8 +121,10 @@ def save_checkpoint(out_dir: str, step: int, save_policy, optimizer_state: dict,
     return final
 
 
-def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint folder: {'policy_dir', 'optimizer', 'trainer_state'} and restore RNG states."""
+def load_checkpoint(path: str, optimizer: bool = True) -> dict:
+    """Read a checkpoint folder: {'policy_dir', 'optimizer', 'trainer_state'} and restore RNG states.
+
+    optimizer=False skips the optimizer tensors ({} instead): under FSDP only rank 0 reads them and broadcasts."""
     state_file = os.path.join(path, "trainer_state.json")
     if not os.path.isfile(state_file):
         raise FileNotFoundError(f"{path} is not a complete checkpoint: {state_file} is missing")
@@ -130,6 +132,7 @@ def load_checkpoint(path: str) -> dict:
         trainer_state = json.load(f)
     with open(os.path.join(path, "optimizer.json")) as f:
         opt_meta = json.load(f)
-    optimizer = optimizer_from_files(load_file(os.path.join(path, "optimizer.safetensors")), opt_meta)
+    optimizer = optimizer_from_files(load_file(os.path.join(path, "optimizer.safetensors")), opt_meta) \
+        if optimizer else {}
     set_rng_state(load_file(os.path.join(path, "rng.safetensors")), trainer_state.pop("rng"))
     return {"policy_dir": os.path.join(path, "policy"), "optimizer": optimizer, "trainer_state": trainer_state}

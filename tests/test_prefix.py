@@ -47,9 +47,14 @@ def test_grouped_equals_per_row(arch):
         a, ga = logprobs_and_grads(net, prompts, ro, rows, shared=False)
         b, gb = logprobs_and_grads(net, prompts, ro, rows, shared=True)
         assert (a - b).abs().max() <= 1e-5, rows
-        assert ga.keys() == gb.keys()
-        for name in ga:
-            assert (ga[name] - gb[name]).abs().max() <= 1e-5 * (1 + ga[name].abs().max()), (rows, name)
+        # a parameter that cannot reach the loss (DeepStack after the last layer feeds only image positions'
+        # logits) has a zero gradient in one forward and none in the other
+        for name in ga.keys() | gb.keys():
+            a_, b_ = ga.get(name), gb.get(name)
+            a_ = torch.zeros_like(b_) if a_ is None else a_
+            b_ = torch.zeros_like(a_) if b_ is None else b_
+            assert (a_ - b_).abs().max() <= 1e-5 * (1 + a_.abs().max()), (rows, name)
+        assert len(gb) > 10
 
 
 def test_sampled_image_token_in_a_response_is_text():
@@ -85,7 +90,8 @@ def test_grouped_forward_module_is_the_function():
     batch = train.collate_groups(prompts, ro.prompt_index, ro.response_ids, ro.response_mask, 0, "cpu")
     assert batch["prompt_ids"].shape[0] == len(prompts) and batch["row_prompt"].tolist() == ro.prompt_index.tolist()
     with torch.no_grad():
-        assert torch.equal(GroupedForward(net)(**batch), grouped_logits(net, **batch))
+        (a, za), (b, zb) = GroupedForward(net)(**batch), grouped_logits(net, **batch)
+        assert torch.equal(a, b) and float(za) == float(zb) == 0.0
 
 
 def test_activation_checkpointing_keeps_grouped_gradients():

@@ -24,7 +24,8 @@ TIMING = ("tokens_per_s", "rollout_time", "step_time")
 
 def read_metrics(out_dir):
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows if "reward" in r]
+    nan_free = lambda v: None if v != v else v    # noqa: E731  (NaN != NaN would fail every comparison)
+    return [{k: nan_free(v) for k, v in r.items() if k not in TIMING} for r in rows if "reward" in r]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,8 @@ def test_few_step_run_has_finite_metrics_and_outputs(toy_run):
         for k in ("reward", "format", "kl", "entropy", "grad_norm", "response_len", "pg_loss"):
             assert k in r and r[k] == r[k] and abs(r[k]) < 1e6, (k, r)
         assert 0.0 <= r["reward"] <= 1.0
-        assert 0.0 <= r["refusal_unsafe"] <= 1.0 and 0.0 <= r["over_refusal_safe"] <= 1.0
+        for k in ("refusal_unsafe", "over_refusal_safe"):  # None (NaN) only when the step had no such row
+            assert r[k] is None or 0.0 <= r[k] <= 1.0, (k, r)
     for block in ("before", "after", "after_image_blank"):
         assert set(summary[block]) >= {"reward", "format_rate", "combined_acc", "refusal_unsafe",
                                        "over_refusal_safe", "compositional_refusal"}
@@ -260,7 +262,7 @@ def test_fsdp_two_processes_checkpoint_and_resume(tmp_path):
     assert [r["step"] for r in a] == [1, 2, 3] and [r["step"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b):
         for k, v in ra.items():
-            assert rb[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (ra["step"], k)
+            assert rb[k] == (None if v is None else pytest.approx(v, rel=1e-5, abs=1e-6)), (ra["step"], k)
     ck = trainstate.load_checkpoint(trainstate.latest_checkpoint(part))
     assert ck["trainer_state"]["step"] == 3 and ck["optimizer"]["state"]  # the full optimizer state, by name
     import model
