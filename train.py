@@ -107,29 +107,22 @@ def collate(prompts: list[dict], response_ids: torch.Tensor, response_mask: torc
     prompts[i] is row i's Processor.encode output; response_* are (b, R). Positions and image slots come
     from the prompt alone and response positions continue as text, exactly as the sampler decoded them:
     a sampled <|image_pad|> id in a response is text, not a request for image features."""
+    from sample import left_pad
     b, R = response_ids.shape
-    P = max(p["input_ids"].numel() for p in prompts)
-    input_ids = torch.full((b, P + R), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((b, P + R), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        n = p["input_ids"].numel()
-        input_ids[i, P - n:P] = p["input_ids"]
-        attention_mask[i, P - n:P] = 1
-    input_ids[:, P:] = torch.where(response_mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
-    attention_mask[:, P:] = response_mask.long()
-    pix = [p["pixel_values"] for p in prompts if p.get("pixel_values") is not None]
-    grid = torch.cat([p["image_grid_thw"] for p in prompts if p.get("image_grid_thw") is not None] or
-                     [torch.zeros(0, 3, dtype=torch.long)])
-    prompt_real = attention_mask[:, :P].bool()
-    prompt_pos, _ = rope_index(input_ids[:, :P], grid if len(grid) else None, prompt_real)  # (3, b, P)
+    prompt_ids, prompt_mask, pix, grid = left_pad(prompts, pad_id, "cpu")  # (b, P), the sampler's own padding
+    input_ids = torch.cat([prompt_ids, torch.where(response_mask.bool(), response_ids,
+                                                   torch.full_like(response_ids, pad_id))], dim=1)
+    attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
+    prompt_real = prompt_mask.bool()
+    prompt_pos, _ = rope_index(prompt_ids, grid, prompt_real)  # (3, b, P)
     next_pos = prompt_pos.masked_fill(~prompt_real[None], -1).amax(dim=(0, 2)) + 1  # (b,)
     response_pos = (next_pos[:, None] + torch.arange(R))[None].expand(3, b, R)
-    image_mask = torch.zeros((b, P + R), dtype=torch.bool)
-    image_mask[:, :P] = (input_ids[:, :P] == image_token_id) & prompt_real
+    image_mask = torch.cat([(prompt_ids == image_token_id) & prompt_real, torch.zeros((b, R), dtype=torch.bool)],
+                           dim=1)
     return dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                 position_ids=torch.cat([prompt_pos, response_pos], dim=2).to(device),
-                image_mask=image_mask.to(device), pixel_values=torch.cat(pix).to(device) if pix else None,
-                image_grid_thw=grid.to(device) if len(grid) else None)
+                image_mask=image_mask.to(device), pixel_values=None if pix is None else pix.to(device),
+                image_grid_thw=None if grid is None else grid.to(device))
 
 
 def response_logprobs(model, batch: dict, response_ids: torch.Tensor, temperature: float):
