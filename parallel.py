@@ -93,24 +93,30 @@ def build_reference(path: str, cfg: Config, device):
 
 class RolloutPolicy:
     """Rollouts need whole parameters: under FSDP2 unshard every block once for the whole generation
-    (one all-gather per block per step instead of one per block per decoded token)."""
+    (one all-gather per block per step instead of one per block per decoded token). Resharding after each
+    forward is switched off meanwhile: FSDP2's post-forward hook would otherwise reshard a block after the
+    prefill, and every decode step would all-gather it again (and the sampler's decode_step, which reads
+    weights directly, needs them unsharded)."""
 
     def __init__(self, wrapped, net, fsdp: bool):
         self.wrapped, self.net, self.fsdp = wrapped, net, fsdp
 
+    def _fsdp_modules(self):
+        return [m for m in self.net.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
+
     def __enter__(self):
         if self.fsdp:
-            for m in self.net.modules():
-                if hasattr(m, "unshard"):
-                    m.unshard()
+            for m in self._fsdp_modules():
+                m.set_reshard_after_forward(False, recurse=False)
+                m.unshard()
         self.net.eval()
         return self.net
 
     def __exit__(self, *exc):
         if self.fsdp:
-            for m in self.net.modules():
-                if hasattr(m, "reshard"):
-                    m.reshard()
+            for m in self._fsdp_modules():
+                m.set_reshard_after_forward(True, recurse=False)  # fully_shard's default, as build_policy made them
+                m.reshard()
         self.net.train()
 
 

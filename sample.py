@@ -192,11 +192,23 @@ def prefill(model, prompts: list[dict], pad_token_id: int, extra_slots: int = 0)
 
 def decode_one_token(model, tokens: torch.Tensor, cache, mask: torch.Tensor | None = None) -> torch.Tensor:
     """tokens (B,) -> next-token logits (B, V). Positions come straight from the cache (a text token gets the
-    same id on the three M-RoPE axes), which skips rope_index's per-step bookkeeping."""
+    same id on the three M-RoPE axes), which skips rope_index's per-step bookkeeping. The obvious path, and the
+    oracle of model.decode_step (see fast_decode)."""
     B = tokens.shape[0]
     position_ids = cache.next_position.view(1, B, 1).expand(3, B, 1)
     return model(tokens[:, None], attention_mask=None if mask is None else mask[:, None],
                  position_ids=position_ids, cache=cache)[:, -1]
+
+
+def fast_decode(model) -> bool:
+    """Whether generate may step with model.decode_step (the same math as decode_one_token in fewer tensor ops,
+    reading weights directly). Not for an FSDP2 model: its blocks hold sharded DTensor parameters outside their
+    own forward calls, even while unsharded for a rollout."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support has no DTensors
+        return True
+    return not any(isinstance(p, DTensor) for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------- generate
@@ -228,6 +240,9 @@ def generate(model, prompts: list[dict], group_size: int, max_new_tokens: int, t
         logits, cache = prefill(model, [p for p in prompts for _ in range(G)], pad_token_id, extra_slots=N - 1)
         kv_bytes = cache.k.numel() * cache.k.element_size() * 2
     t1 = time.perf_counter()
+    # checked after the prefill: FSDP2 reshards a block (back to DTensors) at the end of its forward
+    next_logits = model.decode_step if share_prefix and fast_decode(model) else \
+        (lambda tokens, cache: decode_one_token(model, tokens, cache))
 
     response_ids = torch.full((B, N), pad_token_id, dtype=torch.long)
     logprobs = torch.zeros(B, N, dtype=torch.float32)
@@ -253,7 +268,7 @@ def generate(model, prompts: list[dict], group_size: int, max_new_tokens: int, t
             if share_prefix:  # finished rows leave the batch: no more compute for them
                 cache.keep((~hit).nonzero()[:, 0])
         if share_prefix:
-            logits = decode_one_token(model, tokens.to(model.device), cache)
+            logits = next_logits(tokens.to(model.device), cache)
             row_steps += rows.numel()
         else:  # a plain KVCache cannot drop rows: finished rows run on as padding
             full = torch.full((B,), pad_token_id, dtype=torch.long)

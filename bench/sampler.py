@@ -2,11 +2,12 @@
 tokens/s, peak RSS growth and KV-cache bytes, at DESIGN.md's reference setting (1 prompt x G=8, 256-token prompt
 with 64 image tokens, 128 new tokens, fp32, 2 threads) and with a 1024-token prompt.
 
-Run: `python bench/sampler.py [--runs 5] [--prompt_lens 256,1024] [--threads 2]`. One child process per prompt
-length loads every engine and interleaves their runs (ours, hf, ours, hf, ...) so that load from other processes
-hits them alike; both generate exactly G x max_new_tokens tokens (HF: min_new_tokens = max_new_tokens; ours: no
-stop tokens). Reported per engine: medians over --runs timed runs after a warm-up run, as wall-clock tokens/s and
-tokens per CPU-second of the process (steadier on a shared machine), peak RSS growth during a call, and KV bytes.
+Run: `python bench/sampler.py [--runs 5] [--prompt_lens 256,1024] [--threads 2]`. Per prompt length one child
+process loads every engine and interleaves their timed runs (ours, hf, ours, hf, ...) so that load from other
+processes hits them alike, and a second child measures memory (see main); both generate exactly G x max_new_tokens
+tokens (HF: min_new_tokens = max_new_tokens; ours: no stop tokens). Reported per engine: medians over --runs timed
+runs after a warm-up run, as wall-clock tokens/s and tokens per CPU-second of the process (steadier on a shared
+machine), peak RSS growth during a call, and KV bytes.
 """
 import argparse
 import json
@@ -137,26 +138,31 @@ def run_hf(path, prompt, G, N):
 
 
 def child(args):
-    """One setting, all engines in this process, runs interleaved (ours, hf, ours, hf, ...) so that load on the
-    machine hits them alike; prints one JSON line {engine: {times, peak_rss_growth, kv_bytes}}."""
+    """One setting, all engines in this process. --measure time: runs interleaved (ours, hf, ours, hf, ...) so that
+    load on the machine hits them alike; --measure memory: one run each under the RSS watcher. Prints one JSON
+    line {engine: {...}}."""
     torch.set_num_threads(args.threads)
     prompt = make_prompt(args.prompt_len)
     makers = {"ours": lambda: run_ours(args.path, prompt, args.G, args.N),
               "ours_no_sharing": lambda: run_ours(args.path, prompt, args.G, args.N, share_prefix=False),
               "hf": lambda: run_hf(args.path, prompt, args.G, args.N)}
     calls = {name: makers[name]() for name in args.engines.split(",")}
-    out = {name: {"times": [], "cpu_times": [], "peak_rss_growth": []} for name in calls}
+    out = {name: {} for name in calls}
+    if args.measure == "memory":
+        for name, call in calls.items():
+            call()  # warm-up
+            with PeakRSS() as mem:
+                out[name]["kv_bytes"] = call()
+            out[name]["peak_rss_growth"] = mem.growth
+        print(json.dumps(out))
+        return
     if "ours" in calls and "hf" in calls:  # the same model on both sides: greedy decoding agrees
         ours, theirs = calls["ours"].greedy(16), calls["hf"].greedy(16)
         if ours != theirs:
             sys.exit(f"greedy tokens differ: ours {ours}, HF {theirs}")
     for name, call in calls.items():
         call()  # warm-up
-        # the memory run, apart: the RSS watcher thread wakes every millisecond and takes the GIL, which slowed
-        # the Python-side decode loop by up to 1.6x when it ran during the timed runs
-        with PeakRSS() as mem:
-            out[name]["kv_bytes"] = call()
-        out[name]["peak_rss_growth"].append(mem.growth)
+        out[name].update(times=[], cpu_times=[])
     for _ in range(args.runs):
         for name, call in calls.items():
             t, cpu = time.perf_counter(), time.process_time()
@@ -178,30 +184,41 @@ def main():
     ap.add_argument("--engine", help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--prompt_len", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--measure", choices=("time", "memory"), default="time", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.engine:
         return child(args)
 
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(args.threads))  # freed tensors leave RSS
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    # Memory runs only: glibc then returns every freed block of >= 64 KiB to the OS at once, so RSS follows the
+    # live tensors and the peak is what the call needed. It is not used when timing: every such allocation then
+    # costs an mmap/munmap and fresh page faults, which slowed HF generate (a torch.cat-grown cache) by 1.7x and
+    # ours by 1.2x (2026-11-28), i.e. it measured the allocator setting more than the engines.
+    mem_env = dict(env, MALLOC_MMAP_THRESHOLD_="65536")
     results = {}
     with tempfile.TemporaryDirectory() as path:
         n_params = make_checkpoint(path)
         print(f"model: {n_params / 1e6:.1f}M parameters, fp32, {args.threads} threads; G={args.G}, "
-              f"{args.N} new tokens per sample; median of {args.runs} timed runs after a warm-up and a memory run", flush=True)
+              f"{args.N} new tokens per sample; median of {args.runs} timed runs after a warm-up (memory: a "
+              f"separate process)", flush=True)
         for T in [int(x) for x in args.prompt_lens.split(",")]:
-            cmd = [sys.executable, os.path.abspath(__file__), "--engine", "child", "--path", path,
-                   "--prompt_len", str(T), "--G", str(args.G), "--N", str(args.N), "--runs", str(args.runs),
-                   "--threads", str(args.threads), "--engines", args.engines]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if out.returncode:
-                sys.exit(f"prompt {T} failed:\n{out.stderr}")
-            for engine, r in json.loads(out.stdout.strip().splitlines()[-1]).items():
-                sec, cpu = statistics.median(r["times"]), statistics.median(r["cpu_times"])
+            r = {}
+            for measure, child_env in (("time", env), ("memory", mem_env)):
+                cmd = [sys.executable, os.path.abspath(__file__), "--engine", "child", "--path", path,
+                       "--prompt_len", str(T), "--G", str(args.G), "--N", str(args.N), "--runs", str(args.runs),
+                       "--threads", str(args.threads), "--engines", args.engines, "--measure", measure]
+                out = subprocess.run(cmd, capture_output=True, text=True, env=child_env)
+                if out.returncode:
+                    sys.exit(f"prompt {T} ({measure}) failed:\n{out.stderr}")
+                for engine, d in json.loads(out.stdout.strip().splitlines()[-1]).items():
+                    r.setdefault(engine, {}).update(d)
+            for engine, d in r.items():
+                sec, cpu = statistics.median(d["times"]), statistics.median(d["cpu_times"])
                 results[T, engine] = (args.G * args.N / sec, args.G * args.N / cpu)
                 print(f"prompt {T:5d}  {engine:16s} {args.G * args.N / sec:7.1f} tokens/s wall ({sec:6.2f} s; runs "
-                      f"{', '.join(f'{t:.2f}' for t in r['times'])})  {args.G * args.N / cpu:7.1f} tokens/CPU-s  "
-                      f"peak RSS +{statistics.median(r['peak_rss_growth']) / 2**20:6.1f} MiB  "
-                      f"KV cache {r['kv_bytes'] / 2**20:6.2f} MiB", flush=True)
+                      f"{', '.join(f'{t:.2f}' for t in d['times'])})  {args.G * args.N / cpu:7.1f} tokens/CPU-s  "
+                      f"peak RSS +{d['peak_rss_growth'] / 2**20:6.1f} MiB  KV cache {d['kv_bytes'] / 2**20:6.2f} MiB",
+                      flush=True)
     print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on "
           f"{os.cpu_count()} CPUs")
     if "hf" in args.engines and "ours" in args.engines:

@@ -7,7 +7,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import TextConfig
-from .rope import apply_rotary
+from .rope import apply_rotary, rotary_one_token
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalize in fp32, cast back, then scale: the order HF uses, so bf16 results match too. F.rms_norm is
+    # the same x * rsqrt(mean(x^2) + eps) in one call (a decode step runs 4 norms per layer).
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -17,11 +25,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in fp32, cast back, then scale: the order HF uses, so bf16 results match too. F.rms_norm is
-        # the same x * rsqrt(mean(x^2) + eps) in one fused op (a decode step runs 4 norms per layer).
-        if x.dtype == torch.float32:  # one op (the sampler's decode step is bound by op count, not FLOPs)
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def causal_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -92,6 +96,19 @@ class Attention(nn.Module):
             y = cache.attend(self.layer_idx, q, k, v)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
+    def decode(self, x, cos, signed_sin, cache):
+        """forward for one new token per row, x (B, C) -> (B, C), with half the tensor ops (see TextModel.decode)."""
+        B = x.shape[0]
+        q = F.linear(x, self.q_proj.weight, self.q_proj.bias).view(B, self.n_heads, self.head_dim)
+        k = F.linear(x, self.k_proj.weight, self.k_proj.bias).view(B, self.n_kv_heads, self.head_dim)
+        v = F.linear(x, self.v_proj.weight, self.v_proj.bias).view(B, self.n_kv_heads, self.head_dim)
+        if isinstance(self.q_norm, RMSNorm):
+            q = rms_norm(q, self.q_norm.weight, self.q_norm.eps)
+            k = rms_norm(k, self.k_norm.weight, self.k_norm.eps)
+        q, k = rotary_one_token(q, cos, signed_sin), rotary_one_token(k, cos, signed_sin)
+        y = cache.attend_one(self.layer_idx, q, k, v)  # (B, H * D)
+        return F.linear(y, self.o_proj.weight, self.o_proj.bias)
+
 
 class MLP(nn.Module):
     """SwiGLU: down(act(gate(x)) * up(x)). The decoder's has no biases; Qwen2.5-VL's ViT blocks use it with biases."""
@@ -119,6 +136,16 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def decode(self, x, cos, signed_sin, cache):
+        """forward for one new token per row, x (B, C) -> (B, C)."""
+        norm = self.input_layernorm
+        x = x + self.self_attn.decode(rms_norm(x, norm.weight, norm.eps), cos, signed_sin, cache)
+        norm, mlp = self.post_attention_layernorm, self.mlp
+        h = rms_norm(x, norm.weight, norm.eps)
+        h = mlp.act(F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)) * \
+            F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
+        return x + F.linear(h, mlp.down_proj.weight, mlp.down_proj.bias)
+
 
 class TextModel(nn.Module):
     """Token embedding + decoder layers + final norm (HF: `model.language_model`)."""
@@ -141,3 +168,13 @@ class TextModel(nn.Module):
                 visual_mask, features = deepstack
                 x = x.index_put((visual_mask,), x[visual_mask] + features[i].to(x.dtype))
         return self.norm(x)
+
+    def decode(self, x, cos, signed_sin, cache):
+        """The sampler's step: one new text token per row, x (B, C) -> (B, C), cos/signed_sin (B, 1, D) from
+        rope.text_cos_sin. The same math as forward with the cache, in about half the tensor ops: the decode step
+        of a small model is bound by per-op overhead, not FLOPs. Weights are read directly (no module hooks),
+        so an FSDP2 model must be unsharded first (parallel.RolloutPolicy does). The cache must offer
+        attend_one (GroupCache); forward stays the oracle (tests/test_sample.py)."""
+        for layer in self.layers:
+            x = layer.decode(x, cos, signed_sin, cache)
+        return rms_norm(x, self.norm.weight, self.norm.eps)

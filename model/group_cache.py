@@ -141,6 +141,43 @@ class GroupCache:
         out = out + self._from_grid(p[..., Tp:]) @ sv
         return out.reshape(B, H, T, D)
 
+    def attend_one(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """attend for one new token per row (the decode step, model.decode_step): q (B, H, D), k/v (B, Hkv, D)
+        -> (B, H * D). The same two score blocks and one softmax in about half of attend's tensor ops: 3-D bmm
+        on flattened views, the prefix scores moved back to the row layout inside the concatenation, the prefix
+        output added as a view."""
+        if self._bias is not None or self._start + 1 != self.length:  # holes in the suffix, or not one token
+            return self.attend(layer_idx, q[:, :, None], k[:, :, None], v[:, :, None]).flatten(1)
+        slot, end = self._start, self.length
+        self.sk[layer_idx, :, :, slot] = k
+        self.sv[layer_idx, :, :, slot] = v
+        pk, pv = self.pk[layer_idx], self.pv[layer_idx]  # (P, Hkv, Tp, D)
+        sk, sv = self.sk[layer_idx, :, :, :end], self.sv[layer_idx, :, :, :end]  # (B, Hkv, end, D)
+        B, H, D = q.shape
+        P, Hkv, Tp, _ = pk.shape
+        G, rep = self.gmax, H // Hkv
+        q = (q * D ** -0.5).view(B, Hkv, rep, D)
+
+        s_pre = torch.bmm(self._to_grid(q).flatten(0, 1), pk.flatten(0, 1).transpose(1, 2))  # (P*Hkv, G*rep, Tp)
+        s_pre = s_pre.view(P, Hkv, G * rep, Tp)
+        if self.prefix_bias is not None:
+            s_pre += self.prefix_bias
+        s_suf = torch.bmm(q.flatten(0, 1), sk.flatten(0, 1).transpose(1, 2))  # (B*Hkv, rep, end)
+        if self.dense:  # the grid is (prompt, sample) in row order: a transposed view, copied once by cat
+            s_pre = s_pre.view(P, Hkv, G, rep, Tp).transpose(1, 2)  # (P, G, Hkv, rep, Tp)
+            s_suf = s_suf.view(P, G, Hkv, rep, end)
+        else:
+            s_pre, s_suf = self._from_grid(s_pre), s_suf.view(B, Hkv, rep, end)
+        p = torch.cat([s_pre, s_suf], dim=-1).softmax(-1, dtype=torch.float32).to(v.dtype).view(B, Hkv, rep, Tp + end)
+
+        out = torch.bmm(p[..., Tp:].flatten(0, 1), sv.flatten(0, 1))  # (B*Hkv, rep, D)
+        out_pre = torch.bmm(self._to_grid(p[..., :Tp]).flatten(0, 1), pv.flatten(0, 1))  # (P*Hkv, G*rep, D)
+        if self.dense:
+            out.view(P, G, Hkv, rep, D).add_(out_pre.view(P, Hkv, G, rep, D).transpose(1, 2))
+        else:
+            out = out.view(B, Hkv, rep, D) + self._from_grid(out_pre.view(P, Hkv, G * rep, D))
+        return out.view(B, H * D)
+
     # ---- row layout <-> (prompt, group) grid ----
     def _to_grid(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """(B, Hkv, M, X) per row -> (P, Hkv, Gmax*M, X): each prompt's rows side by side (empty slots = fill)."""

@@ -5,10 +5,11 @@ checkpoint key names.
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .decoder import TextModel, causal_mask
 from .kv_cache import KVCache
-from .rope import mrope_cos_sin, rope_index
+from .rope import mrope_cos_sin, rope_index, text_cos_sin
 
 
 # Checkpoint key prefix -> our module prefix, in the two layouts transformers has used: the v5 module paths,
@@ -131,3 +132,15 @@ class QwenVL(nn.Module):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.lm_head(h)
+
+    def decode_step(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """The sampler's fast path: one new text token per row, tokens (B,) -> next-token logits (B, V). The same
+        as forward(tokens[:, None], position_ids=cache.next_position (on all three axes), cache=cache)[:, -1]
+        (tests/test_sample.py), in about half the tensor ops (see TextModel.decode). cache: a GroupCache."""
+        t = self.config.text
+        positions = cache.next_position  # (B,): a text token takes the same position on the three M-RoPE axes
+        cache.append(torch.ones(tokens.shape[0], 1, dtype=torch.bool, device=tokens.device), positions + 1)
+        x = F.embedding(tokens, self.language_model.embed_tokens.weight)  # (B, C)
+        cos, signed_sin = text_cos_sin(positions, t.head_dim, t.rope_theta, x.dtype)
+        h = self.language_model.decode(x, cos[:, None], signed_sin[:, None], cache)  # cos (B, 1, D): every head
+        return F.linear(h, self.lm_head.weight, self.lm_head.bias)

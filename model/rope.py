@@ -7,6 +7,8 @@ on all three axes; an image's tokens get (t, h, w) grid coordinates offset by th
 image starts, and the text after the image resumes at start + max(h, w). Qwen2-VL / Qwen2.5-VL give each
 axis a contiguous block of frequency pairs (t t .. h h .. w w ..); Qwen3-VL interleaves them (t h w t h w ... t t).
 """
+import functools
+
 import torch
 
 
@@ -19,6 +21,30 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (..., D) by angles whose cos/sin broadcast against it."""
     return x * cos + rotate_half(x) * sin
+
+
+def rotary_one_token(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary in three ops, for the decode step: x (..., D), signed_sin = sin with its first half negated,
+    so that rotate_half(x) * sin == flip_halves(x) * signed_sin, product for product."""
+    halves = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x2, x1)
+    return torch.addcmul(x * cos, halves, signed_sin)
+
+
+@functools.lru_cache(maxsize=16)
+def _text_freq(head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    freq = inv_freq(head_dim, theta)
+    sign = torch.ones(head_dim)
+    sign[:head_dim // 2] = -1.0
+    return torch.cat((freq, freq)).to(device), sign.to(device)
+
+
+def text_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, signed_sin (B, D) of text tokens at positions (B,), for rotary_one_token. A text token has the same
+    id on the three M-RoPE axes, so the axis layout does not matter: the angles are position x inv_freq, the
+    same products mrope_cos_sin computes."""
+    freq, sign = _text_freq(head_dim, float(theta), positions.device)
+    angles = positions[:, None].float() * freq  # (B, D)
+    return angles.cos().to(dtype), (angles.sin() * sign).to(dtype)
 
 
 def inv_freq(dim: int, theta: float) -> torch.Tensor:

@@ -192,6 +192,59 @@ def test_group_cache_with_uneven_groups_matches_plain_cache(tiny, prompts):
     assert not group.dense and group.pk.shape[1] == 3  # prompt 1 has left the prefix block
 
 
+@torch.no_grad()
+def test_decode_step_fast_path_equals_forward(arch, monkeypatch):
+    """model.decode_step (the sampler's fast path: TextModel.decode + GroupCache.attend_one) == model.forward on
+    the same GroupCache state, the obvious path: the same logits, positions and cached keys/values, over padded
+    prompts with images, dense groups first, then uneven groups after rows leave."""
+    net, prompts = arch
+    P, G, steps = len(prompts), 3, 6
+    caches = []
+    for _ in range(2):
+        _, prefix = sample.prefill(net, prompts, 0)
+        caches.append(GroupCache(prefix, G, steps))
+    fast, slow = caches
+    tokens = torch.randint(0, 300, (P * G, steps), generator=torch.Generator().manual_seed(0))
+    rows = torch.arange(P * G)
+    attend_calls = []
+    plain_attend = GroupCache.attend
+    monkeypatch.setattr(GroupCache, "attend", lambda self, *a: attend_calls.append(self) or plain_attend(self, *a))
+    for t in range(steps):
+        if t == 3:  # rows 1, 4, 5 stop: groups become uneven and prompt 1 is left with one row
+            keep = ~torch.isin(rows, torch.tensor([1, 4, 5]))
+            for c in caches:
+                c.keep(keep.nonzero()[:, 0])
+            rows = rows[keep]
+        assert fast.dense == (t < 3)
+        B = rows.numel()
+        want = net(tokens[rows, t, None], position_ids=slow.next_position.view(1, B, 1).expand(3, B, 1),
+                   cache=slow)[:, -1]
+        got = net.decode_step(tokens[rows, t], fast)
+        assert (got - want).abs().max() <= 1e-5, f"step {t}"
+        assert torch.equal(fast.next_position, slow.next_position)
+    assert attend_calls and all(c is slow for c in attend_calls)  # the fast path never fell back to attend
+    n = fast.length
+    assert (fast.sk[:, :, :, :n] - slow.sk[:, :, :, :n]).abs().max() <= 1e-5
+    assert (fast.sv[:, :, :, :n] - slow.sv[:, :, :, :n]).abs().max() <= 1e-5
+
+
+def test_text_rotary_fast_path_equals_mrope():
+    """rope.text_cos_sin + rotary_one_token (decode) == mrope_cos_sin + apply_rotary for text tokens (the same id
+    on the three axes), for both M-RoPE layouts: bit for bit on the angles and the rotation."""
+    from model.rope import apply_rotary, mrope_cos_sin, rotary_one_token, text_cos_sin
+    positions = torch.tensor([0, 5, 300, 4095])
+    x = torch.randn(4, 3, 64, generator=torch.Generator().manual_seed(0))
+    for interleaved in (True, False):
+        cos, sin = mrope_cos_sin(positions.view(1, 4, 1).expand(3, 4, 1), 64, 10000.0, (12, 10, 10),
+                                 torch.float32, interleaved)  # (4, 1, 64)
+        cos1, signed_sin = text_cos_sin(positions, 64, 10000.0, torch.float32)
+        assert torch.equal(cos1, cos[:, 0]) and torch.equal(signed_sin[:, 32:], sin[:, 0, 32:])
+        assert torch.equal(signed_sin[:, :32], -sin[:, 0, :32])
+        want = apply_rotary(x, cos, sin)
+        got = rotary_one_token(x, cos1[:, None], signed_sin[:, None])
+        assert (got - want).abs().max() <= 1e-6
+
+
 # ----------------------------------------------------------------------------- sampling
 
 def test_inverse_cdf_sampling_is_exact():
