@@ -202,8 +202,8 @@ def decode_one_token(model, tokens: torch.Tensor, cache, mask: torch.Tensor | No
 
 def fast_decode(model) -> bool:
     """Whether generate may step with model.decode_step (the same math as decode_one_token in fewer tensor ops,
-    reading weights directly). Not for an FSDP2 model: its blocks hold sharded DTensor parameters outside their
-    own forward calls, even while unsharded for a rollout."""
+    reading weights directly). Not while a parameter is a sharded FSDP2 DTensor: an FSDP2 model outside
+    parallel.RolloutPolicy (which keeps every block unsharded for the rollout) takes the module path."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch built without distributed support has no DTensors

@@ -170,11 +170,13 @@ def profile_ours(ref_holder: dict):
     import grpo
     import sample
     import train
+    from model.qwen_vl import QwenVL
     P = PHASES
     P.wrap(train, "encode_records", "prompt encoding (chat template, image patches)")
     P.wrap(train, "rollout", "rollout total (generate + decode + reward)")
     P.wrap(sample, "prefill", "  prefill (vision + prompt)")
-    P.wrap(sample, "decode_one_token", "  decode forwards")
+    P.wrap(sample, "decode_one_token", "  decode forwards")  # the module path (FSDP2 outside a rollout)
+    P.wrap(QwenVL, "decode_step", "  decode forwards")  # the sampler's fast path
     P.wrap(sample, "sample", "  sampling (softmax, cumsum)")
     P.wrap(train, "micro_logprobs", lambda model, *a, **k:
            "reference forward" if model is ref_holder.get("ref") else "policy forward (+ log-probs)")

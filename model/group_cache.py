@@ -143,7 +143,7 @@ class GroupCache:
 
     def attend_one(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """attend for one new token per row (the decode step, model.decode_step): q (B, H, D), k/v (B, Hkv, D)
-        -> (B, H * D). The same two score blocks and one softmax in about half of attend's tensor ops: 3-D bmm
+        -> (B, H * D). The same two score blocks and one softmax in fewer tensor ops than attend: 3-D bmm
         on flattened views, the prefix scores moved back to the row layout inside the concatenation, the prefix
         output added as a view."""
         if self._bias is not None or self._start + 1 != self.length:  # holes in the suffix, or not one token

@@ -136,7 +136,7 @@ class QwenVL(nn.Module):
     def decode_step(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         """The sampler's fast path: one new text token per row, tokens (B,) -> next-token logits (B, V). The same
         as forward(tokens[:, None], position_ids=cache.next_position (on all three axes), cache=cache)[:, -1]
-        (tests/test_sample.py), in about half the tensor ops (see TextModel.decode). cache: a GroupCache."""
+        (tests/test_sample.py), in fewer tensor ops (see TextModel.decode). cache: a GroupCache."""
         t = self.config.text
         positions = cache.next_position  # (B,): a text token takes the same position on the three M-RoPE axes
         cache.append(torch.ones(tokens.shape[0], 1, dtype=torch.bool, device=tokens.device), positions + 1)
