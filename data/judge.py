@@ -49,6 +49,7 @@ class JudgeError(Exception):
     def __init__(self, message: str, retryable: bool, attempts: int = 1, retry_after: float = 0.0):
         super().__init__(message)
         self.retryable, self.attempts, self.retry_after = retryable, attempts, retry_after
+        self.unparsed = False  # a 200 whose body is not a chat completion
 
 
 class MalformedReply(ValueError):
@@ -154,17 +155,78 @@ def url_opener(url: str):
                                          if host in ("127.0.0.1", "localhost", "::1") else []))
 
 
-class OpenAIJudge:
-    """POST {base_url}/chat/completions with the image as a data URI; retries with exponential backoff.
+def post_chat(url: str, body: dict, api_key: str | None = None, timeout: float = 120.0, max_retries: int = 4,
+              backoff: float = 2.0, max_backoff: float = 60.0, retry_unparsed: bool = False,
+              on_request=None) -> JudgeReply:
+    """POST one chat-completions request to `url` (see chat_endpoint) -> its reply text and the requests it took.
+    The one HTTP client of the project (data/ and eval/ judges both use it).
 
-    Retried: timeouts, connection errors, 5xx and 429 (rate limit). Not retried: other 4xx (a bad request
-    stays bad) and 200 responses without a chat completion in them. Thread-safe."""
+    Retried, with exponential backoff and jitter (never shorter than a Retry-After header): timeouts, connection
+    errors, 5xx and 429; with retry_unparsed also a 200 whose body is not a chat completion. Not retried: other
+    4xx (a bad request stays bad). Raises JudgeError, whose .attempts says how many requests were sent.
+    on_request() is called before each request (a thread-safe counter, say)."""
+    data = json.dumps(body).encode("utf-8")
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    opener = url_opener(url)
+    for attempt in range(1, max_retries + 2):
+        if on_request is not None:
+            on_request()
+        try:
+            return JudgeReply(_post_once(opener, url, data, headers, timeout, max_backoff), attempt)
+        except JudgeError as e:
+            e.attempts = attempt
+            if not (e.retryable or (retry_unparsed and e.unparsed)) or attempt > max_retries:
+                raise
+            # exponential backoff with jitter, so concurrent workers do not retry in lockstep
+            delay = min(max_backoff, backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            time.sleep(max(delay, e.retry_after))
+
+
+def _post_once(opener, url: str, data: bytes, headers: dict, timeout: float, max_backoff: float) -> str:
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            raw = response.read()
+    except urllib.error.HTTPError as e:
+        try:
+            detail = e.read()[:300].decode("utf-8", "replace")
+        except OSError:
+            detail = ""
+        err = JudgeError(f"HTTP {e.code} from {url}: {detail}", retryable=e.code >= 500 or e.code == 429)
+        try:
+            err.retry_after = min(float((e.headers or {}).get("Retry-After") or 0), max_backoff)
+        except (TypeError, ValueError):
+            pass
+        raise err from None
+    except (TimeoutError, socket.timeout):
+        raise JudgeError(f"no reply from {url} within {timeout}s", retryable=True) from None
+    except urllib.error.URLError as e:
+        timed_out = isinstance(e.reason, (TimeoutError, socket.timeout))
+        why = f"no reply within {timeout}s" if timed_out else f"cannot connect: {e.reason}"
+        raise JudgeError(f"{url}: {why}", retryable=True) from None
+    except (ConnectionError, http.client.HTTPException, OSError) as e:
+        raise JudgeError(f"{url}: connection failed: {type(e).__name__}: {e}", retryable=True) from None
+    try:
+        content = json.loads(raw)["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        err = JudgeError(f"not a chat completion from {url}: {raw[:300]!r}", retryable=False)
+        err.unparsed = True
+        raise err from None
+    if isinstance(content, list):       # some servers return content parts
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""  # a null content (a judge's own refusal, say) -> ""
+
+
+class OpenAIJudge:
+    """POST {base_url}/chat/completions with the image as a data URI (post_chat: retries with backoff on
+    timeouts, connection errors, 5xx and 429; a 200 without a chat completion is not retried). Thread-safe."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, prompt: str = JUDGE_PROMPT,
                  timeout: float = 120.0, max_retries: int = 4, backoff: float = 2.0, max_backoff: float = 60.0,
                  temperature: float | None = 0.0, max_tokens: int | None = None, extra_body: dict | None = None):
         self.url = chat_endpoint(base_url)
-        self.opener = url_opener(self.url)
         self.model, self.api_key, self.prompt = model, api_key, prompt
         self.timeout, self.max_retries, self.backoff, self.max_backoff = timeout, max_retries, backoff, max_backoff
         self.temperature, self.max_tokens, self.extra_body = temperature, max_tokens, extra_body or {}
@@ -183,55 +245,13 @@ class OpenAIJudge:
         body.update(self.extra_body)
         return body
 
-    def __call__(self, instruction: str, image: bytes) -> JudgeReply:
-        data = json.dumps(self.request_body(instruction, image)).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        for attempt in range(1, self.max_retries + 2):
-            with self._lock:
-                self.requests += 1
-            try:
-                return JudgeReply(self._post_once(data, headers), attempt)
-            except JudgeError as e:
-                e.attempts = attempt
-                if not e.retryable or attempt > self.max_retries:
-                    raise
-                # exponential backoff with jitter, so concurrent workers do not retry in lockstep
-                delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-                time.sleep(max(delay, e.retry_after))
+    def _count_request(self) -> None:
+        with self._lock:
+            self.requests += 1
 
-    def _post_once(self, data: bytes, headers: dict) -> str:
-        request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-        try:
-            with self.opener.open(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as e:
-            try:
-                detail = e.read()[:300].decode("utf-8", "replace")
-            except OSError:
-                detail = ""
-            err = JudgeError(f"HTTP {e.code} from {self.url}: {detail}", retryable=e.code >= 500 or e.code == 429)
-            try:
-                err.retry_after = min(float((e.headers or {}).get("Retry-After") or 0), self.max_backoff)
-            except (TypeError, ValueError):
-                pass
-            raise err from None
-        except (TimeoutError, socket.timeout):
-            raise JudgeError(f"no reply from {self.url} within {self.timeout}s", retryable=True) from None
-        except urllib.error.URLError as e:
-            timed_out = isinstance(e.reason, (TimeoutError, socket.timeout))
-            why = f"no reply within {self.timeout}s" if timed_out else f"cannot connect: {e.reason}"
-            raise JudgeError(f"{self.url}: {why}", retryable=True) from None
-        except (ConnectionError, http.client.HTTPException, OSError) as e:
-            raise JudgeError(f"{self.url}: connection failed: {type(e).__name__}: {e}", retryable=True) from None
-        try:
-            content = json.loads(raw)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise JudgeError(f"{self.url} answered without a chat completion: {raw[:300]!r}", retryable=False) from None
-        if isinstance(content, list):       # some servers return content parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        return content if isinstance(content, str) else ""
+    def __call__(self, instruction: str, image: bytes) -> JudgeReply:
+        return post_chat(self.url, self.request_body(instruction, image), self.api_key, self.timeout,
+                         self.max_retries, self.backoff, self.max_backoff, on_request=self._count_request)
 
 
 def _short_hash(text: str) -> str:

@@ -8,19 +8,16 @@ with label in {"refusal", "compliance"} (keyword lists, refusal judges), {"safe"
 a letter A-D (multiple choice), or None when the reply did not parse.
 """
 import base64
-import http.client
 import json
 import mimetypes
 import os
 import re
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
-from data.judge import chat_endpoint, url_opener
+from data.judge import JudgeError as RequestError
+from data.judge import chat_endpoint, post_chat
 from eval.generate import append_jsonl, read_jsonl, write_json
 from eval.templates import Template, file_stem, fill_template, python_literals, template_fields
 
@@ -138,8 +135,9 @@ class ChoiceJudge:
 
 @dataclass
 class ChatClient:
-    """POST {url}/chat/completions with the standard library; retries with backoff on network errors,
-    429 and 5xx; other HTTP errors and replies that are not chat completions raise JudgeError."""
+    """POST {url}/chat/completions through data.judge.post_chat (standard library; retries with backoff and
+    jitter on network errors, 429, 5xx and replies that are not chat completions); other HTTP errors and
+    retries that run out raise JudgeError."""
     url: str
     model: str = "gpt-4o-mini"
     api_key: str | None = None
@@ -158,34 +156,15 @@ class ChatClient:
         if image_paths:
             content = [{"type": "text", "text": prompt}] + [
                 {"type": "image_url", "image_url": {"url": _data_url(p)}} for p in image_paths]
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": content}],
-                           "temperature": self.temperature, "max_tokens": self.max_tokens}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        last = None
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
-            try:
-                with url_opener(self.endpoint).open(request, timeout=self.timeout) as response:
-                    payload = response.read()
-            except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code}: {e.read()[:300].decode(errors='replace')}"
-                if e.code == 429 or e.code >= 500:
-                    continue
-                raise JudgeError(f"judge {self.endpoint} refused the request ({last})") from None
-            except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
-                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-                continue
-            try:
-                message = json.loads(payload)["choices"][0]["message"]
-            except (ValueError, KeyError, IndexError, TypeError):
-                last = f"not a chat completion: {payload[:300]!r}"
-                continue
-            return message.get("content") or ""     # a null content (e.g. a judge's own refusal) -> unparseable
-        raise JudgeError(f"judge {self.endpoint} failed after {self.max_retries + 1} attempts; last error: {last}")
+        body = {"model": self.model, "messages": [{"role": "user", "content": content}],
+                "temperature": self.temperature, "max_tokens": self.max_tokens}
+        try:
+            return post_chat(self.endpoint, body, self.api_key, self.timeout, self.max_retries, self.backoff,
+                             retry_unparsed=True).text  # a null content (a judge's own refusal) -> unparseable
+        except RequestError as e:
+            if e.retryable or e.unparsed:
+                raise JudgeError(f"judge {self.endpoint} failed after {e.attempts} attempts; last error: {e}") from None
+            raise JudgeError(f"judge {self.endpoint} refused the request ({e})") from None
 
 
 def _data_url(path: str) -> str:
