@@ -28,8 +28,25 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def causal_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Key mask for a full (cache-free) forward: (B, T) 1 = real token -> (B, 1, T, T) bool, True = attend.
+class KeyMask:
+    """Which keys each query attends: keep (B, 1, Tq, Tk) bool, True = attend. Every layer of a forward shares
+    one, and it converts itself to SDPA's additive form once per dtype: given the bool mask, SDPA converts it in
+    every layer, and autograd then keeps each layer's float copy for the backward (L copies of a B x T x T
+    mask; one shared copy is kept once; tests/test_prefix.py)."""
+
+    def __init__(self, keep: torch.Tensor):
+        self.keep = keep
+        self._additive = None
+
+    def additive(self, dtype: torch.dtype) -> torch.Tensor:
+        if self._additive is None or self._additive.dtype != dtype:
+            self._additive = torch.zeros(self.keep.shape, dtype=dtype, device=self.keep.device).masked_fill_(
+                ~self.keep, float("-inf"))
+        return self._additive
+
+
+def causal_mask(attention_mask: torch.Tensor | None) -> KeyMask | None:
+    """Key mask for a full (cache-free) forward: (B, T) 1 = real token -> KeyMask (B, 1, T, T).
 
     None when there is no padding: attention is then plainly causal (SDPA's is_causal fast path).
     A padding query has no real key before it, so it also attends to itself: its output is garbage that
@@ -42,15 +59,15 @@ def causal_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     causal = idx[None, :] <= idx[:, None]  # (Tq, Tk)
     mask = causal[None] & attention_mask.bool()[:, None, :]  # (B, Tq, Tk)
     mask = mask | torch.eye(T, dtype=torch.bool, device=mask.device)[None]
-    return mask[:, None]
+    return KeyMask(mask[:, None])
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: KeyMask | None,
               impl: str = "sdpa") -> torch.Tensor:
     """Scaled dot-product attention with grouped key/value heads.
 
-    q (B, H, Tq, D); k, v (B, Hkv, Tk, D); mask (B, 1, Tq, Tk) bool True = attend, or None = causal with
-    Tq == Tk. Returns (B, H, Tq, D). "eager" is the explicit matmul/softmax(fp32) version, kept as the oracle.
+    q (B, H, Tq, D); k, v (B, Hkv, Tk, D); mask a KeyMask (B, 1, Tq, Tk), or None = causal with Tq == Tk.
+    Returns (B, H, Tq, D). "eager" is the explicit matmul/softmax(fp32) version, kept as the oracle.
     """
     rep = q.shape[1] // k.shape[1]
     if impl == "sdpa":
@@ -58,13 +75,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=rep > 1)
         # With a mask, expand k/v so the masked kernels (memory-efficient on GPU) accept them.
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive(q.dtype))
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, Tq, Tk)
     if mask is None:
         Tq, Tk = scores.shape[-2:]
-        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
-    scores = scores.masked_fill(~mask, float("-inf"))
+        keep = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    else:
+        keep = mask.keep
+    scores = scores.masked_fill(~keep, float("-inf"))
     return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 

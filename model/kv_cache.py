@@ -20,7 +20,7 @@ never reads k/v storage directly.
 """
 import torch
 
-from .decoder import attention
+from .decoder import KeyMask, attention
 
 
 class KVCache:
@@ -41,7 +41,7 @@ class KVCache:
         self.max_len = max_len
         self.attn_impl = attn_impl
         self._start = 0  # first slot of the current step
-        self._mask = None  # (B, 1, T, length) bool for the current step
+        self._mask = None  # KeyMask (B, 1, T, length) of the current step
 
     def append(self, new_mask: torch.Tensor, next_position: torch.Tensor) -> None:
         B, T = new_mask.shape
@@ -55,7 +55,7 @@ class KVCache:
         mask = causal[None] & self.valid[:, None, :end]  # (B, T, end)
         # A padding query has no real key to look at; letting it see itself keeps its softmax finite.
         mask = mask | (k_slot[None, :] == q_slot[:, None])[None]
-        self._mask = mask[:, None]
+        self._mask = KeyMask(mask[:, None])
         self._start, self.length = start, end
         self.next_position = next_position
 

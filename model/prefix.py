@@ -16,7 +16,7 @@ computed G times instead of once, which is nothing next to the prompt.
 import torch
 from torch import nn
 
-from .decoder import attention, causal_mask
+from .decoder import KeyMask, attention, causal_mask
 
 
 class PrefixRecorder:
@@ -55,7 +55,7 @@ class SharedPrefix:
         own = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None] & row_mask.bool()[:, None, :]
         own = own | torch.eye(T, dtype=torch.bool, device=dev)[None]  # a padding query sees itself: finite
         pre = prefix.valid[row_prompt][:, None, :].expand(B, T, -1)
-        self._mask = torch.cat([pre, own], dim=-1)[:, None]  # (B, 1, T, Tp - 1 + T)
+        self._mask = KeyMask(torch.cat([pre, own], dim=-1)[:, None])  # (B, 1, T, Tp - 1 + T)
         self.next_position = torch.zeros(B, dtype=torch.long, device=dev)
 
     def append(self, new_mask, next_position) -> None:

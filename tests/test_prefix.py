@@ -113,3 +113,28 @@ def test_activation_checkpointing_keeps_grouped_gradients():
     assert (a - b).abs().max() <= 1e-6
     for name in ga:
         assert (ga[name] - gb[name]).abs().max() <= 1e-6 * (1 + ga[name].abs().max()), name
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_training_forward_keeps_one_attention_mask_for_all_layers(shared):
+    """Autograd keeps what the backward needs; the attention mask of a padded batch must be kept once per forward
+    (model/decoder.KeyMask), not once per layer (SDPA's own bool -> float conversion in every layer kept L
+    copies of a B x T x T mask)."""
+    net, proc = build_tiny("qwen3_vl")
+    prompts = make_prompts(proc)
+    ro = rollouts(net, prompts)
+    cfg = Config(model="x", data="x", prompts_per_step=1, mini_batch_prompts=1, device="cpu", dtype="fp32",
+                 shared_prefix=shared)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        train.micro_logprobs(net, prompts, ro, list(range(len(ro.prompt_index))), cfg, torch.device("cpu"), 0)
+    # the additive masks: floating (B, 1, Tq, Tk) tensors holding -inf
+    masks = [t for t in saved if t.dim() == 4 and t.shape[1] == 1 and t.is_floating_point() and bool(t.isinf().any())]
+    layers = net.config.text.num_hidden_layers
+    passes = 2 if shared else 1  # the prompt pass and the row pass each have their own mask
+    assert len(masks) == passes * layers  # every layer's SDPA saved one ...
+    assert len({t.untyped_storage().data_ptr() for t in masks}) == passes  # ... and they are the same tensor
