@@ -390,17 +390,15 @@ def build_checkpoint(out_dir, seed=0):
 
     import model as vlm
     from model.processor import Processor
-    from model.tokenizer import build_tokenizer, special_token_ids
+    from model.tokenizer import build_tokenizer, vision_token_ids
 
     tokenizer = build_tokenizer(corpus(), TOY_VOCAB)
-    ids = special_token_ids(tokenizer)
     grid = IMAGE_SIZE // PATCH_SIZE
     config = vlm.Qwen3VLConfig(
         text=vlm.TextConfig(vocab_size=TOY_VOCAB, **TOY_TEXT),
         vision=vlm.VisionConfig(patch_size=PATCH_SIZE, out_hidden_size=TOY_TEXT["hidden_size"],
                                 num_position_embeddings=grid * grid, **TOY_VISION),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+        **vision_token_ids(tokenizer))
     if len(tokenizer) > TOY_VOCAB:
         raise ValueError(f"toy tokenizer has {len(tokenizer)} tokens, more than TOY_VOCAB={TOY_VOCAB}")
     torch.manual_seed(seed)

@@ -128,3 +128,11 @@ def special_token_ids(tokenizer) -> dict[str, int]:
             raise KeyError(f"tokenizer has no {t!r} token")
         ids[t] = vocab[t]
     return ids
+
+
+def vision_token_ids(tokenizer) -> dict[str, int]:
+    """The config fields that name the tokenizer's vision tokens (image_token_id, video_token_id,
+    vision_start_token_id, vision_end_token_id), for a model config built in code around that tokenizer."""
+    ids = special_token_ids(tokenizer)
+    return {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+            "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"]}

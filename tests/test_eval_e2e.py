@@ -26,16 +26,13 @@ def checkpoint(tmp_path_factory):
     import model
     from model.processor import Processor
     from model.tiny import scramble_, tiny_qwen3vl_config
-    from model.tokenizer import build_tokenizer, special_token_ids
+    from model.tokenizer import build_tokenizer, vision_token_ids
 
     path = str(tmp_path_factory.mktemp("tiny_ckpt"))
     corpus = ["The image shows a phrase of an activity. List steps in detail to perform this activity.",
               "<think>\nA picture.\n<visual_safe>safe</visual_safe></think>\n<answer>Sorry, I cannot help.</answer>"] * 8
     tok = build_tokenizer(corpus, vocab_size=300)
-    ids = special_token_ids(tok)
-    config = tiny_qwen3vl_config(vocab_size=len(tok), image_token_id=ids["<|image_pad|>"],
-                                 video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                                 vision_end_token_id=ids["<|vision_end|>"])
+    config = tiny_qwen3vl_config(vocab_size=len(tok), **vision_token_ids(tok))
     net = scramble_(model.Qwen3VL(config), seed=3)
     model.save(net, path)
     Processor(tok, min_pixels=32 * 32, max_pixels=64 * 64).save(path)   # small images: a few vision tokens

@@ -17,7 +17,7 @@ import train
 from model.group_cache import GroupCache
 from model.processor import Processor
 from model.tiny import scramble_, tiny_qwen2_5vl_config, tiny_qwen3vl_config
-from model.tokenizer import build_tokenizer, special_token_ids
+from model.tokenizer import build_tokenizer, vision_token_ids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = ["What is in this image? Is it safe to use? Describe the picture.",
@@ -30,11 +30,8 @@ STOP = tuple(range(40))  # ~10% of the vocabulary: random-weight rows then stop 
 def build_tiny(arch: str):
     """(model, processor): a tiny random Qwen-VL whose special token ids follow a tokenizer built in code."""
     tok = build_tokenizer(CORPUS, vocab_size=400)
-    ids = special_token_ids(tok)
     make, patch = {"qwen3_vl": (tiny_qwen3vl_config, PATCH), "qwen2_5_vl": (tiny_qwen2_5vl_config, 14)}[arch]
-    cfg = make(vocab_size=len(tok), image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-               vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-               patch_size=patch)
+    cfg = make(vocab_size=len(tok), patch_size=patch, **vision_token_ids(tok))
     torch.manual_seed(0)
     cls = {"qwen3_vl": model.Qwen3VL, "qwen2_5_vl": model.Qwen2_5_VL}[arch]
     net = scramble_(cls(cfg), seed=1).eval()

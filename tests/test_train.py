@@ -184,15 +184,12 @@ def make_real_checkpoint(path):
     from data.prompt import STEP_GUIDED_PROMPT
     from model.processor import Processor
     from model.tiny import tiny_qwen3vl_config
-    from model.tokenizer import build_tokenizer, special_token_ids
+    from model.tokenizer import build_tokenizer, vision_token_ids
     corpus = [STEP_GUIDED_PROMPT, "What is shown here? Is this dangerous to eat?",
               "I see a cup. <visual_safe>safe</visual_safe> <text_safe>safe</text_safe> "
               "<combined_safe>unsafe</combined_safe></think>\n<answer>Sorry, I cannot help.</answer>"] * 4
     tok = build_tokenizer(corpus, vocab_size=400)
-    ids = special_token_ids(tok)
-    cfg = tiny_qwen3vl_config(vocab_size=len(tok), image_token_id=ids["<|image_pad|>"],
-                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                              vision_end_token_id=ids["<|vision_end|>"])
+    cfg = tiny_qwen3vl_config(vocab_size=len(tok), **vision_token_ids(tok))
     model.save(model.Qwen3VL(cfg).init_weights(seed=0), path)
     Processor(tok, patch_size=16, min_pixels=32 * 32, max_pixels=64 * 64).save(path)
 
