@@ -16,7 +16,9 @@ The cache interface (what `Qwen3VL.forward(..., cache=c)` calls, in this order, 
 
 Any object with these three members works; a sampler can pass a shared-prefix group cache (one prompt
 prefix block shared by G sample rows, plus per-row suffix blocks) without the model knowing. The model
-never reads k/v storage directly.
+never reads k/v storage directly. model.decode_step (the sampler's one-token fast path) also needs
+    c.attend_one(layer_idx, q (B, H, D), k (B, Hkv, D), v (B, Hkv, D)) -> (B, H * D)
+which GroupCache offers.
 """
 import torch
 
