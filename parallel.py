@@ -115,7 +115,9 @@ class RolloutPolicy:
     def __exit__(self, *exc):
         if self.fsdp:
             for m in self._fsdp_modules():
-                m.set_reshard_after_forward(True, recurse=False)  # fully_shard's default, as build_policy made them
+                # back to what build_policy's fully_shard calls chose: blocks reshard after forward; the root
+                # (net itself) does not, since its backward follows right away
+                m.set_reshard_after_forward(m is not self.net, recurse=False)
                 m.reshard()
         self.net.train()
 

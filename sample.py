@@ -234,6 +234,7 @@ def generate(model, prompts: list[dict], group_size: int, max_new_tokens: int, t
     if share_prefix:
         logits, prefix = prefill(model, prompts, pad_token_id)
         cache = GroupCache(prefix, G, N - 1)
+        del prefix  # GroupCache keeps its keys/values; the prefill's attention mask can go
         logits = logits.repeat_interleave(G, dim=0)  # (B, V): the G rows start from the same prompt logits
         kv_bytes = cache.nbytes
     else:

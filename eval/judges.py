@@ -143,7 +143,8 @@ class ChatClient:
     api_key: str | None = None
     timeout: float = 60.0
     max_retries: int = 3
-    backoff: float = 1.0          # seconds before the first retry, doubled after each
+    backoff: float = 1.0          # seconds before the first retry, doubled after each (times 0.5-1 jitter,
+                                  # at most 60 s, at least a Retry-After the server sends)
     temperature: float = 0.0
     max_tokens: int = 512
 

@@ -30,15 +30,19 @@ class RMSNorm(nn.Module):
 
 class KeyMask:
     """Which keys each query attends: keep (B, 1, Tq, Tk) bool, True = attend. Every layer of a forward shares
-    one, and it converts itself to SDPA's additive form once per dtype: given the bool mask, SDPA converts it in
-    every layer, and autograd then keeps each layer's float copy for the backward (L copies of a B x T x T
-    mask; one shared copy is kept once; tests/test_prefix.py)."""
+    one, and it converts itself to SDPA's additive form once (again only if the dtype changes): given the bool
+    mask, SDPA converts it in every layer, and autograd then keeps each layer's float copy for the backward
+    (L copies of a B x T x T mask; one shared copy is kept once; tests/test_prefix.py)."""
 
     def __init__(self, keep: torch.Tensor):
         self.keep = keep
         self._additive = None
 
-    def additive(self, dtype: torch.dtype) -> torch.Tensor:
+    def additive(self, q: torch.Tensor) -> torch.Tensor:
+        """The mask in the dtype SDPA computes in for this q: under autocast that is autocast's dtype (SDPA would
+        cast a mask of q's dtype again in every layer), else q's."""
+        device = q.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
         if self._additive is None or self._additive.dtype != dtype:
             self._additive = torch.zeros(self.keep.shape, dtype=dtype, device=self.keep.device).masked_fill_(
                 ~self.keep, float("-inf"))
@@ -75,7 +79,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: KeyMask |
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=rep > 1)
         # With a mask, expand k/v so the masked kernels (memory-efficient on GPU) accept them.
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive(q.dtype))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive(q))
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, Tq, Tk)
     if mask is None:

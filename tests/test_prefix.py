@@ -115,15 +115,15 @@ def test_activation_checkpointing_keeps_grouped_gradients():
         assert (ga[name] - gb[name]).abs().max() <= 1e-6 * (1 + ga[name].abs().max()), name
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_training_forward_keeps_one_attention_mask_for_all_layers(shared):
+@pytest.mark.parametrize("shared,dtype", [(True, "fp32"), (False, "fp32"), (True, "bf16"), (False, "bf16")])
+def test_training_forward_keeps_one_attention_mask_for_all_layers(shared, dtype):
     """Autograd keeps what the backward needs; the attention mask of a padded batch must be kept once per forward
     (model/decoder.KeyMask), not once per layer (SDPA's own bool -> float conversion in every layer kept L
-    copies of a B x T x T mask)."""
+    copies of a B x T x T mask), also under bf16 autocast (where SDPA casts a mask of another dtype per layer)."""
     net, proc = build_tiny("qwen3_vl")
     prompts = make_prompts(proc)
     ro = rollouts(net, prompts)
-    cfg = Config(model="x", data="x", prompts_per_step=1, mini_batch_prompts=1, device="cpu", dtype="fp32",
+    cfg = Config(model="x", data="x", prompts_per_step=1, mini_batch_prompts=1, device="cpu", dtype=dtype,
                  shared_prefix=shared)
     saved = []
 

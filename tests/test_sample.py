@@ -238,7 +238,8 @@ def test_decode_step_on_cuda_equals_forward(dtype, tol, monkeypatch):
 
 def test_text_rotary_fast_path_equals_mrope():
     """rope.text_cos_sin + rotary_one_token (decode) == mrope_cos_sin + apply_rotary for text tokens (the same id
-    on the three axes), for both M-RoPE layouts: bit for bit on the angles and the rotation."""
+    on the three axes), for both M-RoPE layouts: bit for bit on the angles, to rounding on the rotation (addcmul
+    rounds once where apply_rotary rounds twice)."""
     from model.rope import apply_rotary, mrope_cos_sin, rotary_one_token, text_cos_sin
     positions = torch.tensor([0, 5, 300, 4095])
     x = torch.randn(4, 3, 64, generator=torch.Generator().manual_seed(0))

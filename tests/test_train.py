@@ -264,3 +264,40 @@ def test_fsdp_two_processes_checkpoint_and_resume(tmp_path):
     assert ck["trainer_state"]["step"] == 3 and ck["optimizer"]["state"]  # the full optimizer state, by name
     import model
     model.load(ck["policy_dir"])
+
+
+ROLLOUT_RESHARD = """
+import os, socket, torch, torch.distributed as dist, torch.nn as nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from parallel import RolloutPolicy
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+dist.init_process_group("gloo", rank=0, world_size=1)
+net = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4)), nn.Linear(4, 4))
+fully_shard(net[1]); fully_shard(net)  # as parallel.build_policy does: blocks, then the root
+x = torch.randn(2, 4)
+def after_training_forward():
+    net(x).sum().backward()
+    net(x)  # the root keeps its parameters after forward, the block reshards its own
+    return isinstance(net[0].weight, DTensor), isinstance(net[1][0].weight, DTensor)
+before = after_training_forward()
+with RolloutPolicy(net, net, True) as policy:
+    with torch.no_grad():
+        policy(x)
+        policy(x)
+        during = [isinstance(p, DTensor) for p in policy.parameters()]
+after = after_training_forward()
+print(before, any(during), after)
+assert before == (False, True) and not any(during) and after == before, (before, during, after)
+dist.destroy_process_group()
+"""
+
+
+def test_rollout_policy_keeps_blocks_unsharded_and_restores_fsdp_settings():
+    """During a rollout every FSDP2 module stays unsharded across forwards (no all-gather per decode step, and the
+    sampler's decode_step sees plain tensors); afterwards each module reshards after forward as before (blocks
+    do, the root does not)."""
+    r = subprocess.run([sys.executable, "-c", ROLLOUT_RESHARD], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
