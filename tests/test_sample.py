@@ -383,3 +383,30 @@ def test_cli_errors(checkpoint, tmp_path, capsys):
                         "--max_new_tokens", "3"]) == 0  # text only, greedy: both samples equal
     printed = capsys.readouterr().out.split("=== sample ")
     assert printed[1].split("\n", 1)[1] == printed[2].split("\n", 1)[1]
+
+
+@torch.no_grad()
+def test_attend_one_falls_back_to_attend_with_suffix_holes():
+    """A suffix slot that holds no real token (a row that skipped a step) needs the masked path: attend_one then
+    gives exactly attend's result, (B, H, 1, D) flattened to (B, H * D)."""
+    from model.kv_cache import KVCache
+    torch.manual_seed(0)
+    L, P, Hkv, H, Tp, D, G = 1, 2, 2, 4, 5, 8, 3
+    prefix = KVCache(L, P, Hkv, Tp, D)
+    prefix.append(torch.ones(P, Tp, dtype=torch.bool), torch.full((P,), Tp))
+    prefix.k.normal_()
+    prefix.v.normal_()
+    caches = [GroupCache(prefix, G, 4) for _ in range(2)]
+    B = P * G
+    hole = torch.ones(B, 1, dtype=torch.bool)
+    hole[2] = False
+    step1 = torch.randn(B, H, 1, D), torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D)
+    for c in caches:  # step 1: row 2 has no token; step 2: every row has one
+        c.append(hole, c.next_position + 1)
+        c.attend(0, *step1)
+    q, k, v = torch.randn(B, H, D), torch.randn(B, Hkv, D), torch.randn(B, Hkv, D)
+    for c in caches:
+        c.append(torch.ones(B, 1, dtype=torch.bool), c.next_position + 1)
+    got = caches[0].attend_one(0, q, k, v)
+    want = caches[1].attend(0, q[:, :, None], k[:, :, None], v[:, :, None])
+    assert got.shape == (B, H * D) and torch.equal(got, want.flatten(1))
