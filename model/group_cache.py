@@ -124,67 +124,45 @@ class GroupCache:
         pk, pv = self.pk[layer_idx], self.pv[layer_idx]  # (P, Hkv, Tp, D)
         sk, sv = self.sk[layer_idx, :, :, :end], self.sv[layer_idx, :, :, :end]  # (B, Hkv, end, D)
         B, H, T, D = q.shape
-        Hkv, Tp = k.shape[1], pk.shape[2]
-        rep = H // Hkv  # GQA: query head h reads kv head h // rep
-        q = (q * D ** -0.5).reshape(B, Hkv, rep * T, D)
-
-        # Scores of both blocks in the (prompt, group) grid layout, then one softmax over [prefix | suffix].
-        s_pre = self._to_grid(q) @ pk.transpose(-1, -2)  # (P, Hkv, G*rep*T, Tp): one matmul per prompt
-        if self.prefix_bias is not None:
-            s_pre = s_pre + self.prefix_bias
-        s_suf = q @ sk.transpose(-1, -2)  # (B, Hkv, rep*T, end): each row against its own response
-        if self._bias is not None:
-            s_suf = (s_suf.view(B, Hkv, rep, T, end) + self._bias).view(B, Hkv, rep * T, end)
-        p = torch.cat([s_pre, self._to_grid(s_suf, fill=float("-inf"))], dim=-1).float().softmax(-1).to(v.dtype)
-
-        out = self._from_grid(p[..., :Tp] @ pv)  # (B, Hkv, rep*T, D)
-        out = out + self._from_grid(p[..., Tp:]) @ sv
-        return out.reshape(B, H, T, D)
-
-    def attend_one(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """attend for one new token per row (the decode step, model.decode_step): q (B, H, D), k/v (B, Hkv, D)
-        -> (B, H * D). The same two score blocks and one softmax in fewer tensor ops than attend: 3-D bmm
-        on flattened views, the prefix scores moved back to the row layout inside the concatenation, the prefix
-        output added as a view."""
-        if self._bias is not None or self._start + 1 != self.length:  # holes in the suffix, or not one token
-            return self.attend(layer_idx, q[:, :, None], k[:, :, None], v[:, :, None]).flatten(1)
-        slot, end = self._start, self.length
-        self.sk[layer_idx, :, :, slot] = k
-        self.sv[layer_idx, :, :, slot] = v
-        pk, pv = self.pk[layer_idx], self.pv[layer_idx]  # (P, Hkv, Tp, D)
-        sk, sv = self.sk[layer_idx, :, :, :end], self.sv[layer_idx, :, :, :end]  # (B, Hkv, end, D)
-        B, H, D = q.shape
         P, Hkv, Tp, _ = pk.shape
-        G, rep = self.gmax, H // Hkv
-        q = (q * D ** -0.5).view(B, Hkv, rep, D)
+        G, M = self.gmax, H // Hkv * T  # GQA: query head h reads kv head h // rep; a kv head has M = rep*T queries
+        q = (q * D ** -0.5).reshape(B, Hkv, M, D)
 
-        s_pre = torch.bmm(self._to_grid(q).flatten(0, 1), pk.flatten(0, 1).transpose(1, 2))  # (P*Hkv, G*rep, Tp)
-        s_pre = s_pre.view(P, Hkv, G * rep, Tp)
+        # Scores of both blocks (3-D bmm on flattened views), then one softmax over [prefix | suffix] per row.
+        s_pre = torch.bmm(self._to_grid(q).flatten(0, 1), pk.flatten(0, 1).transpose(1, 2))  # (P*Hkv, G*M, Tp):
+        s_pre = s_pre.view(P, Hkv, G * M, Tp)  # one matmul per prompt for all its rows
         if self.prefix_bias is not None:
             s_pre += self.prefix_bias
-        s_suf = torch.bmm(q.flatten(0, 1), sk.flatten(0, 1).transpose(1, 2))  # (B*Hkv, rep, end)
+        s_suf = torch.bmm(q.flatten(0, 1), sk.flatten(0, 1).transpose(1, 2)).view(B, Hkv, M, end)  # own response
+        if self._bias is not None:
+            s_suf = (s_suf.view(B, Hkv, M // T, T, end) + self._bias).view(B, Hkv, M, end)
         if self.dense:  # the grid is (prompt, sample) in row order: a transposed view, copied once by cat
-            s_pre = s_pre.view(P, Hkv, G, rep, Tp).transpose(1, 2)  # (P, G, Hkv, rep, Tp)
-            s_suf = s_suf.view(P, G, Hkv, rep, end)
+            s_pre = s_pre.view(P, Hkv, G, M, Tp).transpose(1, 2)  # (P, G, Hkv, M, Tp)
+            s_suf = s_suf.view(P, G, Hkv, M, end)
         else:
-            s_pre, s_suf = self._from_grid(s_pre), s_suf.view(B, Hkv, rep, end)
-        p = torch.cat([s_pre, s_suf], dim=-1).softmax(-1, dtype=torch.float32).to(v.dtype).view(B, Hkv, rep, Tp + end)
+            s_pre = self._from_grid(s_pre)
+        p = torch.cat([s_pre, s_suf], dim=-1).softmax(-1, dtype=torch.float32).to(v.dtype).view(B, Hkv, M, Tp + end)
 
-        out = torch.bmm(p[..., Tp:].flatten(0, 1), sv.flatten(0, 1))  # (B*Hkv, rep, D)
-        out_pre = torch.bmm(self._to_grid(p[..., :Tp]).flatten(0, 1), pv.flatten(0, 1))  # (P*Hkv, G*rep, D)
-        if self.dense:
-            out.view(P, G, Hkv, rep, D).add_(out_pre.view(P, Hkv, G, rep, D).transpose(1, 2))
+        out = torch.bmm(p[..., Tp:].flatten(0, 1), sv.flatten(0, 1))  # (B*Hkv, M, D)
+        out_pre = torch.bmm(self._to_grid(p[..., :Tp]).flatten(0, 1), pv.flatten(0, 1))  # (P*Hkv, G*M, D)
+        if self.dense:  # the prefix output added through a transposed view, no copy back to rows
+            out.view(P, G, Hkv, M, D).add_(out_pre.view(P, Hkv, G, M, D).transpose(1, 2))
         else:
-            out = out.view(B, Hkv, rep, D) + self._from_grid(out_pre.view(P, Hkv, G * rep, D))
-        return out.view(B, H * D)
+            out = out.view(B, Hkv, M, D) + self._from_grid(out_pre.view(P, Hkv, G * M, D))
+        return out.view(B, H, T, D)
+
+    def attend_one(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """attend for one new token per row, in the decode step's 2-D layout (model.decode_step): q (B, H, D),
+        k/v (B, Hkv, D) -> (B, H * D)."""
+        return self.attend(layer_idx, q[:, :, None], k[:, :, None], v[:, :, None]).flatten(1)
 
     # ---- row layout <-> (prompt, group) grid ----
-    def _to_grid(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """(B, Hkv, M, X) per row -> (P, Hkv, Gmax*M, X): each prompt's rows side by side (empty slots = fill)."""
+    def _to_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv, M, X) per row -> (P, Hkv, Gmax*M, X): each prompt's rows side by side (empty slots = 0)."""
         B, Hkv, M, X = x.shape
         P, G = self.pk.shape[1], self.gmax
         if not self.dense:
-            grid = x.new_full((P * G, Hkv, M, X), fill)
+            grid = x.new_zeros((P * G, Hkv, M, X))
             grid[self.slot] = x
             x = grid
         return x.view(P, G, Hkv, M, X).transpose(1, 2).reshape(P, Hkv, G * M, X)

@@ -202,9 +202,10 @@ def check_decode_step(net, prompts, tol: float, monkeypatch) -> None:
     fast, slow = caches
     tokens = torch.randint(0, 300, (P * G, steps), generator=torch.Generator().manual_seed(0)).to(net.device)
     rows = torch.arange(P * G, device=net.device)
-    attend_calls = []
-    plain_attend = GroupCache.attend
-    monkeypatch.setattr(GroupCache, "attend", lambda self, *a: attend_calls.append(self) or plain_attend(self, *a))
+    attend_one_calls = []
+    plain_attend_one = GroupCache.attend_one
+    monkeypatch.setattr(GroupCache, "attend_one",
+                        lambda self, *a: attend_one_calls.append(self) or plain_attend_one(self, *a))
     for t in range(steps):
         if t == 3:  # rows 1, 4, 5 stop: groups become uneven and prompt 1 is left with one row
             keep = ~torch.isin(rows, torch.tensor([1, 4, 5], device=rows.device))
@@ -218,7 +219,9 @@ def check_decode_step(net, prompts, tol: float, monkeypatch) -> None:
         got = net.decode_step(tokens[rows, t], fast).float()
         assert (got - want).abs().max() <= tol * want.abs().max(), f"step {t}"
         assert torch.equal(fast.next_position, slow.next_position)
-    assert attend_calls and all(c is slow for c in attend_calls)  # the fast path never fell back to attend
+    # every layer of every step went through the one-token path, and only the fast cache's
+    assert len(attend_one_calls) == steps * net.config.text.num_hidden_layers
+    assert all(c is fast for c in attend_one_calls)
     n = fast.length
     for a, b in ((fast.sk, slow.sk), (fast.sv, slow.sv)):
         assert (a[:, :, :, :n].float() - b[:, :, :, :n].float()).abs().max() <= tol * b.float().abs().max()
@@ -386,9 +389,10 @@ def test_cli_errors(checkpoint, tmp_path, capsys):
 
 
 @torch.no_grad()
-def test_attend_one_falls_back_to_attend_with_suffix_holes():
-    """A suffix slot that holds no real token (a row that skipped a step) needs the masked path: attend_one then
-    gives exactly attend's result, (B, H, 1, D) flattened to (B, H * D)."""
+def test_attend_one_masks_suffix_holes():
+    """A suffix slot that holds no real token (a row that skipped a step) is masked: attend_one gives exactly
+    attend's result, (B, H, 1, D) flattened to (B, H * D), and both equal attention written out row by row over
+    [the row's prompt keys | its real response keys]."""
     from model.kv_cache import KVCache
     torch.manual_seed(0)
     L, P, Hkv, H, Tp, D, G = 1, 2, 2, 4, 5, 8, 3
@@ -410,3 +414,11 @@ def test_attend_one_falls_back_to_attend_with_suffix_holes():
     got = caches[0].attend_one(0, q, k, v)
     want = caches[1].attend(0, q[:, :, None], k[:, :, None], v[:, :, None])
     assert got.shape == (B, H * D) and torch.equal(got, want.flatten(1))
+    c, rep = caches[1], H // Hkv
+    for b in range(B):
+        slots = [0, 1] if b != 2 else [1]  # row 2 had no token at step 1
+        keys = torch.cat([prefix.k[0, b // G], c.sk[0, b, :, slots]], dim=1)  # (Hkv, Tp + n, D)
+        vals = torch.cat([prefix.v[0, b // G], c.sv[0, b, :, slots]], dim=1)
+        kk, vv = keys.repeat_interleave(rep, 0), vals.repeat_interleave(rep, 0)  # (H, ., D)
+        ref = torch.softmax((q[b, :, None] @ kk.transpose(1, 2)) * D ** -0.5, -1) @ vv  # (H, 1, D)
+        assert (got[b] - ref.flatten()).abs().max() <= 1e-5, f"row {b}"
