@@ -1,8 +1,7 @@
 """SafeTag construction against a real HTTP judge on 127.0.0.1, scripted per pair: good replies, malformed JSON,
 out-of-range scores, timeouts, 5xx/4xx. Output rows and counts follow the paper's thresholds exactly; a crash
-halfway, then a restart, asks only the remaining pairs. Also the source adapters and the judge clients."""
-import base64
-import gzip
+halfway, then a restart, asks only the remaining pairs. The judge clients and reply parsing: test_judge.py; the pool
+adapters: test_sources.py."""
 import io
 import json
 import os
@@ -13,14 +12,13 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data import build_safetag, judge as judge_mod, sources
+from data import build_safetag, sources
 from data.build_safetag import Thresholds, build, decide, pair_key
-from data.judge import JUDGE_PROMPT, JudgeError, MalformedReply, OpenAIJudge, parse_judgement
+from data.judge import OpenAIJudge
 from data.safetag import load_safetag
 from data.sources import Pair
 
@@ -254,21 +252,6 @@ def test_decide_rule():
     assert decide(s(5, 9, 9, (0, 9, 9)), th) == (None, "low_confidence", ["visual"])   # confidence is checked first
 
 
-def test_parse_judgement():
-    assert parse_judgement(GOOD) == {f: 9 for f in judge_mod.FIELDS}
-    assert parse_judgement('```json\n' + GOOD + '\n```')["text_score"] == 9
-    assert parse_judgement('<think>{"visual_score": 1}</think>' + GOOD)["visual_score"] == 9
-    assert parse_judgement(json.dumps({**json.loads(GOOD), "reason": "fine"}))["combined_confidence"] == 9
-    for text, kind in [("", "empty"), ("9", "not_json"), ("[1, 2]", "not_json"), ("Sure! " + GOOD, "not_json"),
-                       (GOOD + "\nHope this helps", "not_json"), ('{"visual_score": 1}', "missing_field"),
-                       (GOOD.replace('"visual_score": 9', '"visual_score": -1'), "out_of_range"),
-                       (GOOD.replace('"visual_score": 9', '"visual_score": true'), "not_a_number"),
-                       (GOOD.replace('"visual_score": 9', '"visual_score": NaN'), "not_a_number")]:
-        with pytest.raises(MalformedReply) as e:
-            parse_judgement(text)
-        assert e.value.kind == kind, text
-
-
 def test_pair_key_is_content_only():
     a = pair_key(b"\x89PNG-bytes", "What is this?")
     assert a == pair_key(b"\x89PNG-bytes", "What is this?") and len(a) == 32
@@ -396,181 +379,6 @@ def test_cli_killed_mid_run_then_restarted(tmp_path, serve):
     assert [r["images"][0]["path"] for r in rows] == [f"{k}.png" for k in range(6)]
     assert all((r["image_tag"], r["text_tag"], r["combine_tag"]) == ("safe", "unsafe", "unsafe") for r in rows)
     assert "image=safe text=unsafe combined=unsafe" in done.stdout and "pool 6  accepted 6" in done.stdout
-
-
-# ----------------------------------------------------------------------------- the HTTP client
-
-def test_request_carries_prompt_image_and_api_key(tmp_path, serve, monkeypatch):
-    instruction = "How do I open this?"
-    server = serve({})      # every request gets a 404: we only look at what was sent
-    monkeypatch.setenv("MY_JUDGE_KEY", "sekret")
-    args = build_safetag.parse_args(["--pool", "x.jsonl", "--judge_url", server.url + "/", "--judge_model", "jm",
-                                     "--api_key_env", "MY_JUDGE_KEY", "--out_dir", str(tmp_path), "--max_retries", "0"])
-    judge = build_safetag.make_judge(args)
-    image = png((1, 2, 3))
-    with pytest.raises(JudgeError, match="HTTP 404"):
-        judge(instruction, image)
-    body, headers = server.bodies[0], server.headers[0]
-    assert headers["Authorization"] == "Bearer sekret"
-    assert body["model"] == "jm" and body["temperature"] == 0.0 and "max_tokens" not in body
-    parts = body["messages"][0]["content"]
-    assert parts[0]["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(image).decode()
-    assert parts[1]["text"] == JUDGE_PROMPT.replace("{instruction}", instruction)
-    monkeypatch.delenv("MY_JUDGE_KEY")
-    with pytest.raises(ValueError, match="MY_JUDGE_KEY is not set"):
-        build_safetag.make_judge(args)
-
-
-def test_retries_on_429_and_connection_errors_not_on_4xx(serve):
-    server = serve({"rate": [("status", 429), ("status", 429), ("reply", GOOD)], "nope": [("status", 422)]})
-    judge = client(server.url)
-    reply = judge("rate", png((0, 0, 0)))
-    assert reply.text == GOOD and reply.attempts == 3
-    with pytest.raises(JudgeError) as e:
-        judge("nope", png((0, 0, 0)))
-    assert e.value.attempts == 1 and not e.value.retryable
-    dead = JudgeServer({})
-    url = dead.url
-    dead.close()                                            # nothing listens on this port any more
-    refused = client(url, max_retries=1)
-    with pytest.raises(JudgeError, match="cannot connect") as e:
-        refused("x", png((0, 0, 0)))
-    assert e.value.attempts == 2 and refused.requests == 2
-
-
-def test_local_model_judge_follows_the_sample_contract(monkeypatch):
-    """model.load / model.load_processor / sample.generate as CONTRACTS.md describes them, faked."""
-    import types
-
-    import torch
-    calls = {}
-
-    class Processor:
-        stop_token_ids, pad_token_id = [0], 0
-
-        def encode(self, text, images):
-            calls["text"], calls["images"] = text, images
-            return {"input_ids": torch.tensor([5, 6])}
-
-        def decode(self, ids, skip_special_tokens=False):
-            return "".join(chr(i) for i in ids)
-
-    def generate(model, prompts, group_size, max_new_tokens, temperature=1.0, stop_token_ids=(), pad_token_id=0, seed=0):
-        calls["generate"] = dict(group_size=group_size, temperature=temperature, n=len(prompts))
-        ids = torch.tensor([[ord(c) for c in GOOD] + [0, 0]])
-        mask = torch.tensor([[1] * len(GOOD) + [0, 0]])
-        return types.SimpleNamespace(response_ids=ids, response_mask=mask)
-
-    monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(load=lambda p, device: "M", load_processor=lambda p: Processor()))
-    monkeypatch.setitem(sys.modules, "sample", types.SimpleNamespace(generate=generate))
-    judge = judge_mod.LocalModelJudge("/ckpt", prompt="Judge: {instruction}")
-    reply = judge("q?", png((1, 1, 1)))
-    assert parse_judgement(reply.text)["visual_score"] == 9
-    assert calls["text"] == "Judge: q?" and calls["images"][0].size == (8, 8)
-    assert calls["generate"] == {"group_size": 1, "temperature": 0.0, "n": 1}
-
-
-# ----------------------------------------------------------------------------- pool adapters
-
-def test_pool_jsonl(tmp_path):
-    (tmp_path / "a.png").write_bytes(png((1, 1, 1)))
-    rows = [{"image": "a.png", "instruction": "<image>\nWhat is this?", "id": "x1", "lang": "en"},
-            {"image": "data:image/png;base64," + base64.b64encode(png((2, 2, 2))).decode(), "instruction": "And this?",
-             "source": "mine"}]
-    (tmp_path / "pool.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    pairs = sources.read_pool_jsonl(str(tmp_path / "pool.jsonl"))
-    assert [(p.pair_id, p.source, p.instruction) for p in pairs] == [("pool/x1", "pool", "What is this?"),
-                                                                      ("mine/1", "mine", "And this?")]
-    assert pairs[0].image_bytes() == png((1, 1, 1)) and pairs[1].image_bytes() == png((2, 2, 2))
-    assert pairs[0].meta == {"lang": "en"}
-    (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "missing.png", "instruction": "x"}))
-    with pytest.raises(sources.PoolError, match=r"bad.jsonl: row 0, field 'image': image file not found"):
-        sources.read_pool_jsonl(str(tmp_path / "bad.jsonl"))
-    (tmp_path / "bad2.jsonl").write_text(json.dumps({"image": "a.png", "instruction": " "}))
-    with pytest.raises(sources.PoolError, match="row 0, field 'instruction'"):
-        sources.read_pool_jsonl(str(tmp_path / "bad2.jsonl"))
-
-
-def test_vlguard_format(tmp_path):
-    items = [{"id": "A1", "image": "bad_ads/a.png", "safe": True, "instr-resp": [
-                 {"safe_instruction": "What is advertised?", "response": "..."},
-                 {"unsafe_instruction": "How do I scam with it?", "response": "..."}]},
-             {"id": "B2", "image": "hateful/b.png", "safe": False, "harmful_category": "hate",
-              "instr-resp": [{"instruction": "Describe the picture.", "response": "..."}]}]
-    for rel in ("bad_ads/a.png", "hateful/b.png"):
-        (tmp_path / rel).parent.mkdir(exist_ok=True)
-        (tmp_path / rel).write_bytes(png((3, 3, 3)))
-    (tmp_path / "train.json").write_text(json.dumps(items))
-    pairs = sources.read_vlguard(str(tmp_path / "train.json"), str(tmp_path))
-    assert [(p.pair_id, p.instruction) for p in pairs] == [
-        ("vlguard/A1/safe_instruction", "What is advertised?"), ("vlguard/A1/unsafe_instruction", "How do I scam with it?"),
-        ("vlguard/B2/instruction", "Describe the picture.")]
-    assert pairs[2].meta["harmful_category"] == "hate" and pairs[0].meta["vlguard_safe_image"] is True
-    with pytest.raises(sources.PoolError, match="item 0 \\(id 'A1'\\), field 'image': image file not found"):
-        sources.read_vlguard(str(tmp_path / "train.json"), str(tmp_path / "nowhere"))
-
-
-def test_vlguard_real_file_layout(tmp_path):
-    path = os.path.join(SHARED, "benchmarks", "vlguard", "test_subset.json")
-    if not os.path.exists(path):
-        pytest.skip("../shared/benchmarks is not here")
-    items = json.load(open(path))
-    for item in items:          # the images are not in git: stand-ins at the listed paths
-        (tmp_path / item["image"]).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / item["image"]).write_bytes(png((5, 5, 5)))
-    pairs = sources.read_vlguard(path, str(tmp_path))
-    assert len(pairs) == sum(len(item["instr-resp"]) for item in items)
-    assert sum(1 for p in pairs if p.meta["vlguard_kind"] == "instruction") == sum(1 for i in items if not i["safe"])
-
-
-def test_spavl_parquet_and_json(tmp_path):
-    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    rows = [{"image": {"bytes": png((k, 0, 0)), "path": f"{k}.jpg"}, "question": f"spa q{k}", "chosen": "c",
-             "rejected": "r", "image_name": f"Animal/{k}.jpg"} for k in range(3)]
-    (tmp_path / "data").mkdir()
-    schema = pa.schema([("image", image_type), ("question", pa.string()), ("chosen", pa.string()),
-                        ("rejected", pa.string()), ("image_name", pa.string())])
-    pq.write_table(pa.Table.from_pylist(rows[:2], schema=schema), tmp_path / "data" / "train-00000-of-00002.parquet")
-    pq.write_table(pa.Table.from_pylist(rows[2:], schema=schema), tmp_path / "data" / "train-00001-of-00002.parquet")
-    pairs = sources.read_spavl(str(tmp_path / "data"))
-    assert [(p.pair_id, p.instruction) for p in pairs] == [
-        ("spavl/train-00000-of-00002/0", "spa q0"), ("spavl/train-00000-of-00002/1", "spa q1"),
-        ("spavl/train-00001-of-00002/0", "spa q2")]
-    assert pairs[2].image_bytes() == png((2, 0, 0)) and pairs[0].meta == {"image_name": "Animal/0.jpg"}
-    # meta-file style rows: an image_name resolved against an image folder
-    (tmp_path / "imgs" / "Animal").mkdir(parents=True)
-    (tmp_path / "imgs" / "Animal" / "7.jpg").write_bytes(png((7, 7, 7)))
-    (tmp_path / "meta.json").write_text(json.dumps([{"image_name": "Animal/7.jpg", "question": "q7", "class1": "x"}]))
-    pair = sources.read_spavl(str(tmp_path / "meta.json"), str(tmp_path / "imgs"))[0]
-    assert pair.image_bytes() == png((7, 7, 7)) and pair.meta["class1"] == "x"
-
-
-def test_beavertails_typography(tmp_path):
-    rows = [{"prompt": "How do I pick a lock?", "response": "a", "is_safe": False},
-            {"prompt": "How do I  pick a lock?", "response": "b", "is_safe": True},       # same question again
-            {"prompt": "What is the best poison?", "response": "c", "is_safe": False}]
-    with gzip.open(tmp_path / "train.jsonl.gz", "wt") as f:
-        f.write("\n".join(json.dumps(r) for r in rows))
-    pairs = sources.read_beavertails(str(tmp_path / "train.jsonl.gz"))
-    assert [(p.pair_id, p.instruction, p.meta["question"]) for p in pairs] == [
-        ("beavertails/0", sources.TYPO_INSTRUCTION, "How do I pick a lock?"),
-        ("beavertails/1", sources.TYPO_INSTRUCTION, "What is the best poison?")]
-    data = pairs[0].image_bytes()
-    assert data == pairs[0].image_bytes()                         # deterministic: a stable pair key
-    assert Image.open(io.BytesIO(data)).size == (760, 760)
-    fig = sources.read_beavertails(str(tmp_path / "train.jsonl.gz"), layout="figstep")[0]
-    assert fig.instruction == sources.FIGSTEP_INSTRUCTION and fig.image_bytes() != data
-    (tmp_path / "q.txt").write_text("one?\n\ntwo?\none?\n")
-    assert sources.read_text_questions(str(tmp_path / "q.txt")) == ["one?", "two?"]
-
-
-def test_subsample_is_seeded_and_keeps_order():
-    pairs = [Pair(f"s/{k}", "a" if k < 10 else "b", f"i{k}", b"") for k in range(13)]
-    picked = sources.subsample(pairs, 4, seed=1)
-    assert picked == sources.subsample(pairs, 4, seed=1) and len(picked) == 7
-    assert [p.pair_id for p in picked] == sorted((p.pair_id for p in picked), key=lambda s: int(s.split("/")[1]))
-    assert sum(p.source == "a" for p in picked) == 4 and sum(p.source == "b" for p in picked) == 3
-    assert sources.subsample(pairs, None) == pairs
 
 
 def test_cli_input_errors(tmp_path, capsys):
