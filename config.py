@@ -51,6 +51,8 @@ class Config:
     top_k: int = 0
     max_prompt_len: int = 2048         # longer prompts are an error, not silently cut
     max_new_tokens: int = 4096         # response budget per rollout
+    rollout_kv_gb: float = 0.0         # KV-cache budget of the rollout engine per GPU; prompts beyond it wait for free
+                                       # slots (0: a third of the free GPU memory less optimizer state; no limit on CPU)
     # ---- evaluation, checkpoints, logging
     eval_every: int = 10               # held-out greedy evaluation every N steps (0: only before/after)
     eval_size: int = 0                 # held-out prompts to evaluate (0: all)
@@ -81,6 +83,8 @@ class Config:
                              f"mini_batch_prompts={self.mini_batch_prompts}")
         if self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.rollout_kv_gb < 0:
+            raise ValueError(f"--rollout_kv_gb={self.rollout_kv_gb} must be >= 0 (0: automatic)")
         for name in ("loss_agg", "adv_scale", "kl_kind", "lr_schedule", "dtype", "device"):
             allowed = CHOICES[name]
             if getattr(self, name) not in allowed:

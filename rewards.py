@@ -1,4 +1,4 @@
-"""SafeGRPO rule rewards (PAPER.md section 3): pure functions of (response text, reference tags), linear time.
+"""SafeGRPO rule rewards (docs/method.md#the-reward): pure functions of (response text, reference tags), linear time.
 
 `score(response, labels, mode="paper"|"strict")` -> (reward, components); `score_batch` scores a rollout;
 `resolve_reward("paper"|"strict"|"module:function")` backs train.py's `--reward` flag. No torch, no model.

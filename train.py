@@ -16,6 +16,7 @@ import torch.distributed as dist
 import grpo
 import rewards
 import trainstate
+from engine import Engine, hash64, left_pad
 from config import Config, help_text, parse_config
 from model.prefix import GroupedForward, grouped_logits
 from parallel import (RolloutPolicy, all_gather_objects, all_reduce_sum, barrier, build_policy, build_reference,  # noqa: F401
@@ -70,7 +71,6 @@ def collate(prompts: list[dict], response_ids: torch.Tensor, response_mask: torc
     prompts[i] is row i's Processor.encode output; response_* are (b, R). Positions and image slots come
     from the prompt alone and response positions continue as text, exactly as the sampler decoded them:
     a sampled <|image_pad|> id in a response is text, not a request for image features."""
-    from sample import left_pad
     b, R = response_ids.shape
     prompt_ids, prompt_mask, pix, grid = left_pad(prompts, pad_id, "cpu")  # (b, P), the sampler's own padding
     input_ids = torch.cat([prompt_ids, torch.where(response_mask.bool(), response_ids,
@@ -108,15 +108,16 @@ def autocast_ctx(cfg: Config, device):
 
 # ----------------------------------------------------------------------------- rollouts and evaluation
 
-def rollout(policy, processor, prompts, labels, cfg: Config, step: int, prompt_ids: list[int], reward_fn, device):
-    """G samples per prompt from the current policy, decoded and scored by the rule reward."""
-    from sample import generate
-    seeds = [hash_seed(cfg.seed, step, pid) for pid in prompt_ids]
+def rollout(engine: Engine, processor, prompts, labels, cfg: Config, step: int, prompt_ids: list[int], reward_fn,
+            device):
+    """G samples per prompt from the current policy (the engine reads its weights), decoded and scored by the rule
+    reward. Under the training forward's autocast, so that sampled log-probs round like the trainer's."""
+    seeds = [hash64(cfg.seed, step, pid) for pid in prompt_ids]
     with torch.no_grad(), autocast_ctx(cfg, device):
-        ro = generate(policy, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                      temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                      stop_token_ids=processor.stop_token_ids, pad_token_id=processor.pad_token_id,
-                      prompt_seeds=seeds)
+        ro = engine.generate(prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                             stop_token_ids=processor.stop_token_ids, pad_token_id=processor.pad_token_id,
+                             prompt_seeds=seeds)
     texts = decode_responses(processor, ro)
     row_labels = [labels[int(i)] for i in ro.prompt_index]
     scored = [reward_fn(t, lab) for t, lab in zip(texts, row_labels)]
@@ -134,26 +135,17 @@ def decode_responses(processor, ro) -> list[str]:
             for r in range(ro.response_ids.shape[0])]
 
 
-def hash_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across processes, unlike Python's hash())."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
-    return h
-
-
-def evaluate(policy, processor, records, cfg: Config, device, reward_fn, rank: int, world: int) -> dict:
+def evaluate(engine: Engine, processor, records, cfg: Config, device, reward_fn, rank: int, world: int) -> dict:
     """Greedy decoding on held-out records (sharded over ranks), scored with the safety metrics."""
     from data.toy import metrics as safety_metrics
-    from sample import generate
     mine = list(range(rank, len(records), world))
     responses = {}
     for start in range(0, len(mine), cfg.eval_batch_size):
         idx = mine[start:start + cfg.eval_batch_size]
         prompts = encode_records(processor, [records[i] for i in idx], cfg)
         with torch.no_grad(), autocast_ctx(cfg, device):
-            ro = generate(policy, prompts, group_size=1, max_new_tokens=cfg.max_new_tokens, temperature=0.0,
-                          stop_token_ids=processor.stop_token_ids, pad_token_id=processor.pad_token_id, seed=0)
+            ro = engine.generate(prompts, group_size=1, max_new_tokens=cfg.max_new_tokens, temperature=0.0,
+                                 stop_token_ids=processor.stop_token_ids, pad_token_id=processor.pad_token_id, seed=0)
         responses.update(zip(idx, decode_responses(processor, ro)))
     merged = {}
     for part in all_gather_objects(responses):
@@ -274,13 +266,24 @@ def collate_groups(prompts: list[dict], prompt_index: torch.Tensor, response_ids
                    device) -> dict:
     """grouped_logits' inputs: the distinct prompts of these rows (left-padded, in first-seen order), their
     images, and each row's prompt number."""
-    from sample import left_pad
     order = list(dict.fromkeys(int(i) for i in prompt_index))
     local = {p: u for u, p in enumerate(order)}
     ids, real, pix, grid = left_pad([prompts[p] for p in order], pad_id, device)
     return dict(prompt_ids=ids, prompt_mask=real, pixel_values=pix, image_grid_thw=grid,
                 response_ids=response_ids.to(device), response_mask=response_mask.to(device),
                 row_prompt=torch.tensor([local[int(i)] for i in prompt_index], device=device))
+
+
+def rollout_kv_budget(cfg: Config, net, device) -> int | None:
+    """--rollout_kv_gb in bytes; 0 = on CUDA a third of the memory that is free now less what the optimizer will
+    take at its first step (fp32 gradients and AdamW's two moments), on CPU no limit."""
+    if cfg.rollout_kv_gb > 0:
+        return int(cfg.rollout_kv_gb * 2 ** 30)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    params = sum(p.numel() for p in net.parameters() if p.requires_grad)  # this rank's shard under FSDP2
+    return max(int((free - 12 * params) / 3), 1 << 30)
 
 
 def make_optimizer(net, cfg: Config):
@@ -382,9 +385,13 @@ def main(argv: list[str] | None = None) -> dict:
                              __import__("json").loads(cfg.to_json()), resume_step=start_step)
     labels = [r.labels for r in train_records]
 
+    # Two engines, each keeping its buffers and CUDA graphs across steps: G-sample rollouts, and greedy evaluation.
+    kv_budget = rollout_kv_budget(cfg, net, device)
+    rollout_engine, eval_engine = Engine(net, kv_budget_bytes=kv_budget), Engine(net, kv_budget_bytes=kv_budget)
+
     def run_eval(tag: str, records) -> dict:
-        with RolloutPolicy(wrapped, net, cfg.fsdp and dist.is_initialized()) as pol:
-            m = evaluate(pol, processor, records, cfg, device, reward_fn, rank, world)
+        with RolloutPolicy(wrapped, net, cfg.fsdp and dist.is_initialized()):
+            m = evaluate(eval_engine, processor, records, cfg, device, reward_fn, rank, world)
         log(f"eval[{tag}] " + " ".join(f"{k}={v:.3f}" for k, v in m.items() if isinstance(v, float)), flush=True)
         return m
 
@@ -412,9 +419,9 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.time()
         ids = step_prompt_ids(step, len(train_records), cfg)[rank::world]   # this rank's prompts
         prompts = encode_records(processor, [train_records[i] for i in ids], cfg)
-        with RolloutPolicy(wrapped, net, cfg.fsdp and dist.is_initialized()) as pol:
-            ro, texts, rew, comps = rollout(pol, processor, prompts, [labels[i] for i in ids], cfg, step, ids,
-                                            reward_fn, device)
+        with RolloutPolicy(wrapped, net, cfg.fsdp and dist.is_initialized()):
+            ro, texts, rew, comps = rollout(rollout_engine, processor, prompts, [labels[i] for i in ids], cfg, step,
+                                            ids, reward_fn, device)
         t_rollout = time.time() - t0
         advantages = grpo.group_advantages(rew, cfg.group_size, scale=cfg.adv_scale)
         stats = train_on_rollouts(wrapped, ref_model, optimizer, scheduler, prompts, ro, advantages, cfg,

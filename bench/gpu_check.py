@@ -1,9 +1,13 @@
-"""The GPU check's Python side (bench/gpu.sh runs it): a random-weight Qwen3-VL-2B-sized checkpoint, sample.py vs
-Hugging Face generate at a realistic size, a tiny SafeTag folder, and train.py's step with peak GPU memory.
+"""The GPU check's Python side (bench/gpu.sh runs it): a random-weight Qwen3-VL-2B-sized checkpoint; the rollout
+engine's decode step, its tokens/s against Hugging Face generate, its log-probs against the training forward, and
+full GRPO steps at a realistic size; a tiny SafeTag folder and train.py's FSDP2 step with peak GPU memory.
 
     python bench/gpu_check.py checkpoint DIR [--small]         # random 2B-sized Qwen3-VL + tokenizer, HF layout
     python bench/gpu_check.py data DIR                          # train.jsonl / test.jsonl + images
-    python bench/gpu_check.py sampler DIR [--G 8 --N 512 --runs 3]
+    python bench/gpu_check.py decode DIR [--G 8 --N 512]         # the engine's step: ms, kernels, busy fraction
+    python bench/gpu_check.py sampler DIR [--G 8 --N 512 --P 16 --N_batch 128 --runs 3]   # vs HF generate
+    python bench/gpu_check.py mismatch DIR [--P 8 --N 256]       # sampler vs training-forward log-probs
+    python bench/gpu_check.py grpo DIR [--P 8 --N 512 --steps 3] # full GRPO steps, time split
     torchrun --nproc_per_node=1 bench/gpu_check.py train --model=DIR --data=DIR ...   # train.main + peak memory
 --small builds a tiny config instead, so the plumbing runs on a CPU (bench/gpu.sh --dry-run).
 """
@@ -91,9 +95,9 @@ def cmd_data(args) -> dict:
     return {"data": args.dir}
 
 
-def sampler_prompt(cfg, device) -> dict:
+def sampler_prompt(cfg, device, seed: int = 0) -> dict:
     """One image (IMAGE_SIDE px square) between random text tokens, as Processor.encode would lay it out."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     grid = (1, IMAGE_SIDE // 16, IMAGE_SIDE // 16)
     n_image = grid[1] * grid[2] // 4
     text = torch.randint(0, min(cfg.text.vocab_size, cfg.image_token_id) - 1, (TEXT_TOKENS,), generator=g)
@@ -104,68 +108,344 @@ def sampler_prompt(cfg, device) -> dict:
             "image_grid_thw": torch.tensor([grid], device=device)}
 
 
-def timed_runs(call, n: int, runs: int, device) -> dict:
-    """call(n_new_tokens): one short warm-up call, then `runs` timed calls of n tokens; peak GPU memory over them."""
-    call(min(n, 16))
+def setting():
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def timed_runs(call, runs: int, device) -> dict:
+    """One warm-up call (graphs captured, kernels chosen), then `runs` timed calls; peak GPU memory over them."""
+    call()
+    sync(device)
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(runs):
         t = time.perf_counter()
-        call(n)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        call()
+        sync(device)
         times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     return {"times_s": times, "median_s": statistics.median(times), "peak_gpu_bytes": peak}
 
 
-def cmd_sampler(args) -> dict:
-    """sample.generate (bf16, shared prefix) vs HF generate (num_return_sequences=G, dynamic KV cache), same weights,
-    exactly G x N new tokens on both sides (no stop tokens / min_new_tokens = N)."""
+def kernel_profile(fn, steps: int, device) -> dict:
+    """Kernels launched per call of fn and the GPU's busy fraction (union of kernel intervals / wall span)."""
+    if device.type != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync(device)
+        wall_us = (time.perf_counter() - t) * 1e6
+    kernels = [e for e in prof.events()
+               if getattr(e.device_type, "name", "") == "CUDA" and e.time_range.end > e.time_range.start]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:  # union of intervals
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    by_name = {}
+    for e in kernels:  # where the kernel time goes, per call
+        t = by_name.setdefault(e.name[:90], [0, 0.0])
+        t[0] += 1
+        t[1] += e.time_range.end - e.time_range.start
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]
+    return {"kernels_per_call": len(spans) / steps, "busy_fraction": busy / wall_us if wall_us else 0.0,
+            "wall_ms_per_call": wall_us / 1e3 / steps,
+            "top_kernels": [{"name": n, "per_call": c / steps, "us_per_call": t / steps} for n, (c, t) in top]}
+
+
+def count_ops(fn) -> dict:
+    """Tensor operations one call of fn dispatches (ATen ops, as a TorchDispatchMode sees them), with and without
+    the views (views launch no kernel)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.all = self.views = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.all += 1
+            self.views += bool(func.is_view)
+            return func(*args, **(kwargs or {}))
+    with Count() as c:
+        fn()
+    return {"ops": c.all, "ops_without_views": c.all - c.views}
+
+
+def cmd_decode(args) -> dict:
+    """The engine's decode step on its own: ms per step for 8 / 64 / 256 rows (1 / 8 / 32 groups of G=8 after the
+    sampler prompt) at two response-length buckets, CUDA graph vs eager, kernels per step, GPU busy fraction, against
+    the bandwidth bound (text weight bytes / measured copy bandwidth)."""
+    import engine
     import model as vlm
-    import sample
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = setting()
     G, N = args.G, args.N
-    out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "G": G, "N": N,
-           "dtype": str(dtype)}
-
     net = vlm.load(args.dir, device=device, dtype=dtype)
+    t = net.config.text
+    text_bytes = sum(p.numel() * p.element_size() for n, p in net.named_parameters() if not n.startswith("visual."))
+    out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "G": G, "N": N,
+           "text_weight_bytes": text_bytes, "layers": t.num_hidden_layers}
+    if device.type == "cuda":  # the copy bandwidth, read + write, on a 2 GiB buffer
+        a = torch.empty(2 ** 30, dtype=torch.uint8, device=device)
+        b = torch.empty_like(a)
+        ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        b.copy_(a)
+        ev0.record()
+        for _ in range(10):
+            b.copy_(a)
+        ev1.record()
+        sync(device)
+        out["copy_bw_bytes_per_s"] = 2 * a.numel() * 10 / (ev0.elapsed_time(ev1) / 1e3)
+        out["bandwidth_bound_ms"] = text_bytes / out["copy_bw_bytes_per_s"] * 1e3
+        del a, b
+    groups = [1, 8, 32] if not args.small else [1, 2]
     prompt = sampler_prompt(net.config, device)
-    out["prompt_tokens"] = int(prompt["input_ids"].numel())
+    eng = engine.Engine(net)
+    t0 = time.perf_counter()
+    eng.generate([prompt] * groups[-1], group_size=G, max_new_tokens=N, temperature=1.0, seed=0)  # builds + captures
+    sync(device)
+    st = eng.state
+    out["setup_s"], out["graphs"], out["capture_s"] = time.perf_counter() - t0, len(st.graphs), st.capture_s
+    st.reset()
+    st.admit(list(range(groups[-1])), [prompt] * groups[-1], engine.row_keys(0, groups[-1], G), 0)
+    lengths = sorted({engine._bucket(min(N, max(N // 2, 16)), engine.length_buckets(N)), N})
+    rows = {}
+    for g in groups:
+        R = g * G
+        for Ls in lengths:
+            key = f"{R}x{Ls}"
+            graph = (R, Ls) in st.graphs
+            for _ in range(3):
+                st.run(R, Ls)
+            sync(device)
+            n = 50 if graph else 5
+            t1 = time.perf_counter()
+            for _ in range(n):
+                st.run(R, Ls)
+            sync(device)
+            rows[key] = {"rows": R, "length": Ls, "graph": graph, "ms": (time.perf_counter() - t1) / n * 1e3}
+            if graph:  # the same step without the graph
+                captured = st.graphs.pop((R, Ls))
+                t1 = time.perf_counter()
+                for _ in range(5):
+                    st.run(R, Ls)
+                sync(device)
+                rows[key]["eager_ms"] = (time.perf_counter() - t1) / 5 * 1e3
+                st.graphs[(R, Ls)] = captured
+        rows[f"{R}x{lengths[0]}"].update(kernel_profile(lambda: st.run(R, lengths[0]), 10, device))
+    out["steps"] = rows
+    for v in rows.values():  # the kernel mix, for the log
+        for k in v.get("top_kernels", [])[:12]:
+            print(f"{v['rows']:>4} rows: {k['us_per_call']:8.1f} us  x{k['per_call']:5.0f}  {k['name']}", flush=True)
+    st.rows, st.length = G, lengths[0]
+    with st.autocast():
+        out.update(count_ops(st.step))
+    if device.type == "cuda":
+        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    lines = [f"{v['rows']:>4} rows x {v['length']:>4} positions: {v['ms']:.2f} ms/step"
+             + (f" (eager {v['eager_ms']:.1f})" if "eager_ms" in v else "")
+             + (f", {v['kernels_per_call']:.0f} kernels, GPU busy {100 * v['busy_fraction']:.0f}%"
+                if "kernels_per_call" in v else "") for v in rows.values()]
+    bound = f", bandwidth bound {out['bandwidth_bound_ms']:.2f} ms" if "bandwidth_bound_ms" in out else ""
+    print("SUMMARY decode step (" + f"{out['ops_without_views']} tensor ops ({out['ops']} with views), "
+          f"{out['graphs']} graphs captured in {out['capture_s']:.1f}s{bound}): "
+          + "; ".join(lines), flush=True)
+    return out
 
-    def ours(n):
-        ro = sample.generate(net, [prompt], group_size=G, max_new_tokens=n, temperature=1.0, seed=0)
-        assert int(ro.response_mask.sum()) == G * n, "ours stopped early"
-    out["ours"] = timed_runs(ours, N, args.runs, device)
+
+def cmd_sampler(args) -> dict:
+    """The engine (bf16, CUDA graphs, kept across calls as the trainer keeps it) vs HF generate
+    (num_return_sequences=G, its dynamic KV cache), same weights, exactly G x N new tokens on both sides (no stop
+    tokens / min_new_tokens = N), for 1 prompt x G and P prompts x G."""
+    import inspect
+
+    import engine
+    import model as vlm
+    device, dtype = setting()
+    G, runs = args.G, args.runs
+    settings = [(1, args.N), (args.P, args.N_batch)]
+    out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "G": G, "dtype": str(dtype)}
+    net = vlm.load(args.dir, device=device, dtype=dtype)
+    prompts = [sampler_prompt(net.config, device, seed=i) for i in range(max(P for P, _ in settings))]
+    out["prompt_tokens"] = int(prompts[0]["input_ids"].numel())
+    for P, N in settings:
+        eng = engine.Engine(net)
+
+        def ours():
+            ro = eng.generate(prompts[:P], group_size=G, max_new_tokens=N, temperature=1.0, seed=0)
+            assert int(ro.response_mask.sum()) == P * G * N, "ours stopped early"
+        out[f"ours_{P}x{G}"] = timed_runs(ours, runs, device)
+        out[f"ours_{P}x{G}"]["tokens_per_s"] = P * G * N / out[f"ours_{P}x{G}"]["median_s"]
+        del eng
     del net
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
     from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
     hf = Qwen3VLForConditionalGeneration.from_pretrained(args.dir, dtype=dtype).to(device).eval()
-    ids = prompt["input_ids"][None]
-    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=prompt["pixel_values"],
-                  image_grid_thw=prompt["image_grid_thw"])
-    if "mm_token_type_ids" in inspect.signature(hf.forward).parameters:  # transformers >= 5.2x wants it
-        inputs["mm_token_type_ids"] = (ids == hf.config.image_token_id).int()
+    for P, N in settings:
+        ids = torch.stack([p["input_ids"] for p in prompts[:P]])
+        inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                      pixel_values=torch.cat([p["pixel_values"] for p in prompts[:P]]),
+                      image_grid_thw=torch.cat([p["image_grid_thw"] for p in prompts[:P]]))
+        if "mm_token_type_ids" in inspect.signature(hf.forward).parameters:  # transformers >= 5.2x wants it
+            inputs["mm_token_type_ids"] = (ids == hf.config.image_token_id).int()
 
-    def theirs(n):
-        gen = GenerationConfig(do_sample=True, num_return_sequences=G, max_new_tokens=n, min_new_tokens=n,
-                               temperature=1.0, top_k=0, top_p=1.0, use_cache=True, eos_token_id=None, pad_token_id=0)
-        with torch.inference_mode():
-            seqs = hf.generate(**inputs, generation_config=gen)
-        assert seqs.shape == (G, ids.shape[1] + n), f"HF generated {tuple(seqs.shape)}"
-    out["hf"] = timed_runs(theirs, N, args.runs, device)
-    for side in ("ours", "hf"):
-        out[side]["tokens_per_s"] = G * N / out[side]["median_s"]
-    out["speedup"] = out["hf"]["median_s"] / out["ours"]["median_s"]
-    o, h = out["ours"], out["hf"]
-    print(f"SUMMARY {out['device']} {dtype} G={G} N={N} prompt={out['prompt_tokens']} tokens: ours "
-          f"{o['tokens_per_s']:.0f} tok/s (peak {o['peak_gpu_bytes'] / 2**30:.2f} GiB), HF generate "
-          f"{h['tokens_per_s']:.0f} tok/s (peak {h['peak_gpu_bytes'] / 2**30:.2f} GiB); ours/HF x{out['speedup']:.2f}")
+        def theirs():
+            gen = GenerationConfig(do_sample=True, num_return_sequences=G, max_new_tokens=N, min_new_tokens=N,
+                                   temperature=1.0, top_k=0, top_p=1.0, use_cache=True, eos_token_id=None,
+                                   pad_token_id=0)
+            with torch.inference_mode():
+                seqs = hf.generate(**inputs, generation_config=gen)
+            assert seqs.shape == (P * G, ids.shape[1] + N), f"HF generated {tuple(seqs.shape)}"
+        out[f"hf_{P}x{G}"] = timed_runs(theirs, runs, device)
+        out[f"hf_{P}x{G}"]["tokens_per_s"] = P * G * N / out[f"hf_{P}x{G}"]["median_s"]
+    parts = []
+    for P, N in settings:
+        o, h = out[f"ours_{P}x{G}"], out[f"hf_{P}x{G}"]
+        out[f"speedup_{P}x{G}"] = h["median_s"] / o["median_s"]
+        parts.append(f"{P}x{G} prompts, {N} new tokens: ours {o['tokens_per_s']:.0f} tok/s (peak "
+                     f"{o['peak_gpu_bytes'] / 2**30:.1f} GiB), HF {h['tokens_per_s']:.0f} tok/s (peak "
+                     f"{h['peak_gpu_bytes'] / 2**30:.1f} GiB): x{out[f'speedup_{P}x{G}']:.2f}")
+    print(f"SUMMARY {out['device']} {dtype} prompt={out['prompt_tokens']} tokens; " + "; ".join(parts), flush=True)
+    return out
+
+
+def bench_config(args, ckpt: str, **kw):
+    from config import Config
+    device, _ = setting()
+    base = dict(model=ckpt, data="bench", prompts_per_step=args.P, group_size=args.G, mini_batch_prompts=args.P,
+                micro_batch_size=args.micro, max_new_tokens=args.N, max_prompt_len=4096, temperature=1.0,
+                kl_coef=0.01, lr=1e-6, device=device.type, dtype="auto" if device.type == "cuda" else "fp32",
+                step_guided=False, eval_every=0, save_every=0)
+    return Config(**{**base, **kw})
+
+
+def cmd_mismatch(args) -> dict:
+    """Sampler vs trainer in the trainer's precision (fp32 master weights, bf16 autocast on CUDA): P prompts x G
+    samples of N tokens from the engine, their log-probs recomputed by the training forward (train.micro_logprobs,
+    shared prefix); mean and max |delta| over all rollout tokens, and the token-level KL estimates k1 = E[delta]
+    and k3 = E[exp(-delta) + delta - 1] (delta = logp_sampler - logp_train, tokens drawn by the sampler)."""
+    import engine
+    import model as vlm
+    import train
+    device, _ = setting()
+    cfg = bench_config(args, args.dir)
+    net = vlm.load(args.dir, device=device, dtype=torch.float32)
+    prompts = [{k: v.cpu() for k, v in sampler_prompt(net.config, device, seed=i).items()} for i in range(args.P)]
+    eng = engine.Engine(net)
+    with torch.no_grad(), train.autocast_ctx(cfg, device):
+        ro = eng.generate(prompts, group_size=args.G, max_new_tokens=args.N, temperature=1.0,
+                          prompt_seeds=list(range(args.P)))
+    recomputed = torch.zeros_like(ro.logprobs)
+    with torch.no_grad():
+        for start in range(0, ro.response_ids.shape[0], args.micro):
+            rows = list(range(start, min(start + args.micro, ro.response_ids.shape[0])))
+            logp = train.micro_logprobs(net, prompts, ro, rows, cfg, device, 0)[0]
+            recomputed[rows, :logp.shape[1]] = logp.float().cpu()
+    mask = ro.response_mask.bool()
+
+    def forward_logprobs(**kw):  # the training forward of every rollout row, micro-batch by micro-batch
+        c = bench_config(args, args.dir, **kw)
+        lp = torch.zeros_like(ro.logprobs)
+        with torch.no_grad():
+            for start in range(0, ro.response_ids.shape[0], args.micro):
+                rows = list(range(start, min(start + args.micro, ro.response_ids.shape[0])))
+                logp = train.micro_logprobs(net, prompts, ro, rows, c, device, 0)[0]
+                lp[rows, :logp.shape[1]] = logp.float().cpu()
+        return lp
+    delta = (ro.logprobs - recomputed)[mask].double()
+    out = {"tokens": int(mask.sum()), "mean_abs": float(delta.abs().mean()), "max_abs": float(delta.abs().max()),
+           "k1": float(delta.mean()), "k3": float((torch.exp(-delta) + delta - 1).mean()),
+           "precision": "fp32 weights, bf16 autocast" if device.type == "cuda" else "fp32"}
+    # context: how far the trainer is from itself (per-row forward vs shared-prefix forward, both in its precision),
+    # and how far each side is from the same forward in fp32
+    per_row = forward_logprobs(shared_prefix=False)
+    fp32 = forward_logprobs(dtype="fp32")
+    for name, a, b in (("trainer_shared_vs_per_row", recomputed, per_row), ("sampler_vs_fp32", ro.logprobs, fp32),
+                       ("trainer_vs_fp32", recomputed, fp32)):
+        out[name] = float((a - b)[mask].abs().mean())
+    print(f"SUMMARY sampler vs training forward ({out['precision']}, {out['tokens']} tokens): mean |dlogp| "
+          f"{out['mean_abs']:.2e}, max {out['max_abs']:.2e}, KL k1 {out['k1']:.2e}, k3 {out['k3']:.2e}; for scale: "
+          f"trainer shared-prefix vs per-row forward {out['trainer_shared_vs_per_row']:.2e}, sampler vs fp32 forward "
+          f"{out['sampler_vs_fp32']:.2e}, trainer vs fp32 forward {out['trainer_vs_fp32']:.2e}", flush=True)
+    return out
+
+
+def cmd_grpo(args) -> dict:
+    """Full GRPO steps as train.py runs them (fp32 master weights, bf16 autocast, bf16 frozen reference, AdamW,
+    KL 0.01, shared-prefix training forward), P prompts x G x N new tokens, `steps` steps; the last step's time
+    split into rollout, reference forward, policy forward (+ loss), backward, optimizer (clip + AdamW), each
+    phase bracketed by device synchronisations. Rewards are seeded random numbers (the reward is CPU string work)."""
+    import engine
+    import grpo
+    import train
+    device, _ = setting()
+    cfg = bench_config(args, args.dir)
+    wrapped, net = train.build_policy(args.dir, cfg, device, world=1)
+    ref = train.build_reference(args.dir, cfg, device)
+    optimizer = train.make_optimizer(net, cfg)
+    scheduler = train.make_scheduler(optimizer, cfg, args.steps)
+    prompts = [{k: v.cpu() for k, v in sampler_prompt(net.config, device, seed=i).items()} for i in range(args.P)]
+    eng = engine.Engine(net, kv_budget_bytes=train.rollout_kv_budget(cfg, net, device))
+    phases = {}
+
+    def timed(owner, name, label):
+        fn = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            key = label(*a, **k) if callable(label) else label
+            sync(device)
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                sync(device)
+                phases[key] = phases.get(key, 0.0) + time.perf_counter() - t
+        setattr(owner, name, wrapper)
+    timed(train, "micro_logprobs", lambda model, *a, **k: "reference forward" if model is ref else "policy forward")
+    timed(torch.Tensor, "backward", "backward")
+    timed(torch.nn.utils, "clip_grad_norm_", "optimizer (clip + AdamW)")
+    timed(type(optimizer), "step", "optimizer (clip + AdamW)")
+    net.train()
+    steps = []
+    gen = torch.Generator().manual_seed(0)
+    for step in range(args.steps):
+        phases.clear()
+        sync(device)
+        t0 = time.perf_counter()
+        with train.RolloutPolicy(wrapped, net, False), torch.no_grad(), train.autocast_ctx(cfg, device):
+            ro = eng.generate(prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                              temperature=cfg.temperature, prompt_seeds=[step * 1000 + i for i in range(args.P)])
+        sync(device)
+        phases["rollout"] = time.perf_counter() - t0
+        rew = torch.rand(ro.response_ids.shape[0], generator=gen)
+        adv = grpo.group_advantages(rew, cfg.group_size)
+        train.train_on_rollouts(wrapped, ref, optimizer, scheduler, prompts, ro, adv, cfg, device, 1, 0)
+        sync(device)
+        steps.append({"step_s": time.perf_counter() - t0, "phases": dict(phases),
+                      "tokens": int(ro.response_mask.sum()), "rollout_stats": {
+                          k: v for k, v in ro.stats.items() if isinstance(v, (int, float))}})
+    last = steps[-1]
+    out = {"steps": steps, "P": args.P, "G": args.G, "N": args.N,
+           "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else 0}
+    split = ", ".join(f"{k} {v:.2f}" for k, v in last["phases"].items())
+    print(f"SUMMARY GRPO step {args.P} prompts x G={args.G} x {args.N} new tokens ({last['tokens']} tokens), step "
+          f"{len(steps)}: {last['step_s']:.2f} s = {split} (first step {steps[0]['step_s']:.1f} s with graph "
+          f"capture); peak {out['peak_gpu_bytes'] / 2**30:.1f} GiB", flush=True)
     return out
 
 
@@ -180,7 +460,7 @@ def cmd_train(argv: list[str]) -> dict:
         wrapped, net = build_policy(*a, **k)
         from torch.distributed._composable.contract import _get_registry
         from torch.distributed.fsdp import FSDPModule
-        blocks = train.decoder_blocks(net)
+        blocks = net.decoder_blocks()
         seen["fsdp_applied"] = isinstance(net, FSDPModule)
         seen["activation_checkpointing"] = bool(blocks) and all("checkpoint" in (_get_registry(b) or {}) for b in blocks)
         return wrapped, net
@@ -206,14 +486,20 @@ def main(argv=None) -> int:
             print("RESULT " + json.dumps(result), flush=True)
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=("checkpoint", "data", "sampler"))
+    stages = {"checkpoint": cmd_checkpoint, "data": cmd_data, "decode": cmd_decode, "sampler": cmd_sampler,
+              "mismatch": cmd_mismatch, "grpo": cmd_grpo}
+    ap.add_argument("stage", choices=tuple(stages))
     ap.add_argument("dir", help="checkpoint or data directory")
     ap.add_argument("--small", action="store_true", help="a tiny config instead of the 2B-sized one")
     ap.add_argument("--G", type=int, default=8, help="group size")
     ap.add_argument("--N", type=int, default=512, help="new tokens per sample")
+    ap.add_argument("--P", type=int, default=16, help="prompts (sampler: the batched setting; mismatch, grpo)")
+    ap.add_argument("--N_batch", type=int, default=128, help="sampler: new tokens in the P-prompt setting")
+    ap.add_argument("--micro", type=int, default=16, help="rows per training micro-batch (mismatch, grpo)")
+    ap.add_argument("--steps", type=int, default=3, help="grpo: steps (the last one is reported)")
     ap.add_argument("--runs", type=int, default=3, help="timed runs per engine after one warm-up (median)")
     args = ap.parse_args(argv)
-    fn = {"checkpoint": cmd_checkpoint, "data": cmd_data, "sampler": cmd_sampler}[args.stage]
+    fn = stages[args.stage]
     print("RESULT " + json.dumps({"stage": args.stage, **fn(args)}), flush=True)
     return 0
 

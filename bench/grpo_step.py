@@ -167,17 +167,15 @@ class StepClock:
 def profile_ours(ref_holder: dict):
     import torch
 
+    import engine
     import grpo
-    import sample
     import train
-    from model.qwen_vl import QwenVL
     P = PHASES
     P.wrap(train, "encode_records", "prompt encoding (chat template, image patches)")
     P.wrap(train, "rollout", "rollout total (generate + decode + reward)")
-    P.wrap(sample, "prefill", "  prefill (vision + prompt)")
-    P.wrap(sample, "decode_one_token", "  decode forwards")  # the module path (FSDP2 outside a rollout)
-    P.wrap(QwenVL, "decode_step", "  decode forwards")  # the sampler's fast path
-    P.wrap(sample, "sample", "  sampling (softmax, cumsum)")
+    P.wrap(engine, "prefill", "  prefill (vision + prompt)")
+    P.wrap(engine.Decoder, "forward", "  decode forwards")
+    P.wrap(engine, "sample", "  sampling (softmax, cumsum)")
     P.wrap(train, "micro_logprobs", lambda model, *a, **k:
            "reference forward" if model is ref_holder.get("ref") else "policy forward (+ log-probs)")
     P.wrap(grpo, "policy_loss", "loss (clip, KL, entropy)")
@@ -238,11 +236,12 @@ def run_ours(ckpt: str, kl: float, steps: int, warmup: int, threads: int, profil
     rss_loaded = _rss_mib()
     net.train()
     clock, lengths = StepClock(warmup, profile, lockstep), []
+    engine = train.Engine(net)  # kept across steps, as main() keeps it
     for step in range(warmup + steps):
         clock.begin()
         prompts = train.encode_records(processor, [record], cfg)  # main() encodes every step, as TRL does
-        with train.RolloutPolicy(wrapped, net, False) as pol:
-            ro, texts, rew, comps = train.rollout(pol, processor, prompts, [LABELS], cfg, step, [0], reward_fn, device)
+        with train.RolloutPolicy(wrapped, net, False):
+            ro, texts, rew, comps = train.rollout(engine, processor, prompts, [LABELS], cfg, step, [0], reward_fn, device)
         advantages = grpo.group_advantages(rew, cfg.group_size, scale=cfg.adv_scale)
         train.train_on_rollouts(wrapped, ref_model, optimizer, scheduler, prompts, ro, advantages, cfg, device,
                                 1, processor.pad_token_id)

@@ -1,7 +1,8 @@
 """Build SafeTag-style data: ask a judge about each (image, instruction) pair, keep the confidently tagged ones.
 
-PAPER.md section 4: per modality (visual / text / combined) a score in [0, 10] (higher = safer) and a
-confidence; score <= 3 -> unsafe, >= 7 -> safe, in between -> discard; keep only if every confidence >= 7.
+The paper's rule (docs/method.md#the-dataset-safetag-vl-3k): per modality (visual / text / combined) a score in
+[0, 10] (higher = safer) and a confidence; score <= 3 -> unsafe, >= 7 -> safe, in between -> discard; keep only if
+every confidence >= 7.
 Every judged pair is appended to OUT_DIR/journal.jsonl, so a restart asks only what is left.
     python -m data.build_safetag --vlguard VLGuard/train.json --vlguard_images VLGuard/train \
         --beavertails BeaverTails/round0/330k/train.jsonl.gz --max_per_source 300 \
@@ -25,8 +26,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import sources
+from data.files import write_json
 from data.judge import MODALITIES, JudgeError, LocalModelJudge, MalformedReply, OpenAIJudge, load_judge_prompt, parse_judgement
 from data.safetag import IMAGE_MARKER, tag_combination
+from rewards import LABEL_KEYS
 
 DONE = ("ok", "malformed")      # journal statuses that are final; "error" entries are asked again
 DISCARD_REASONS = ("low_confidence", "ambiguous_score", "malformed", "judge_error", "bad_image", "duplicate", "not_asked")
@@ -63,7 +66,7 @@ def decide(scores: dict, th: Thresholds) -> tuple[dict | None, str | None, list[
             ambiguous.append(m)
     if ambiguous:
         return None, "ambiguous_score", ambiguous
-    return {"image_tag": tags["visual"], "text_tag": tags["text"], "combine_tag": tags["combined"]}, None, []
+    return {LABEL_KEYS[m]: tags[m] for m in MODALITIES}, None, []
 
 
 def pair_key(image: bytes, instruction: str) -> str:
@@ -137,6 +140,8 @@ def judge_pair(judge, key: str, pair: sources.Pair, image: bytes) -> dict:
 
 
 def check_image(data: bytes):
+    """Fail on a file that does not decode. Only a check: the judge is sent the file's own bytes (data_uri), and
+    the written rows keep them, so no pixels are produced here (and the builder needs no torch)."""
     Image.open(io.BytesIO(data)).load()
 
 
@@ -223,7 +228,7 @@ def build(pairs: list, judge, out_dir: str, thresholds: Thresholds = Thresholds(
     for split, split_rows in rows.items():
         if split == "train" or test_fraction > 0:
             write_parquet(split_rows, os.path.join(out_dir, f"{split}.parquet"))
-    write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2).encode("utf-8"))
+    write_json(os.path.join(out_dir, "summary.json"), summary)
     return summary
 
 
@@ -268,15 +273,6 @@ def assemble(pairs, outcomes, images, keys, th: Thresholds, test_fraction: float
         "complete": discarded["judge_error"] == 0 and discarded["not_asked"] == 0,
     }
     return summary, rows
-
-
-def write_atomic(path: str, data: bytes):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_parquet(rows: list[dict], path: str):

@@ -1,7 +1,8 @@
 """Safety judges for building SafeTag data: an OpenAI-compatible chat endpoint, or a local model via sample.py.
 
 A judge maps (instruction, image bytes) to its raw reply text; `parse_judgement` turns the reply into six
-numbers (score and confidence for visual / text / combined, PAPER.md section 4) or says why it cannot.
+numbers (score and confidence for visual / text / combined, docs/method.md#the-dataset-safetag-vl-3k) or says
+why it cannot.
 Replies are never repaired or guessed: a reply that is not the JSON asked for is reported as malformed.
 """
 import base64
@@ -19,7 +20,9 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
-MODALITIES = ("visual", "text", "combined")
+from rewards import TAGS
+
+MODALITIES = TAGS             # the three judgements the model's tags also make (rewards.py names them)
 FIELDS = tuple(f"{m}_{k}" for m in MODALITIES for k in ("score", "confidence"))
 INSTRUCTION_SLOT = "{instruction}"
 
@@ -82,11 +85,12 @@ def fill_prompt(template: str, instruction: str) -> str:
 
 # ----------------------------------------------------------------------------- reply parsing
 
-def parse_judgement(text: str) -> dict:
-    """The six numbers from a reply, or MalformedReply.
+def reply_object(text: str) -> dict:
+    """The JSON object a judge was asked to reply with, or MalformedReply ("empty" or "not_json").
 
     Accepted: the reply is one JSON object, optionally wrapped in a single ```json fence and optionally
-    preceded by a reasoning block closed by </think>. Every field must be a number in [0, 10]."""
+    preceded by a reasoning block closed by </think>. Nothing else is tried: a reply with prose around the
+    object is malformed, not searched."""
     if not isinstance(text, str) or not text.strip():
         raise MalformedReply("empty", "empty reply")
     body = text.rsplit("</think>", 1)[-1].strip()
@@ -100,6 +104,12 @@ def parse_judgement(text: str) -> dict:
         raise MalformedReply("not_json", f"not a JSON object: {e}") from None
     if not isinstance(obj, dict):
         raise MalformedReply("not_json", f"JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def parse_judgement(text: str) -> dict:
+    """The six numbers from a reply (reply_object), or MalformedReply. Every field must be a number in [0, 10]."""
+    obj = reply_object(text)
     missing = [f for f in FIELDS if f not in obj]
     if missing:
         raise MalformedReply("missing_field", f"missing fields {missing}")
@@ -129,12 +139,14 @@ def image_mime(data: bytes) -> str | None:
     return None
 
 
-def data_uri(data: bytes) -> str:
+def data_uri(data: bytes, what: str = "judge image") -> str:
+    """An image for a chat request: the file's own bytes when the API takes its format, else (BMP, TIFF, ...)
+    decoded by the project's image loader and sent as PNG. ValueError naming `what` if it does not decode."""
     mime = image_mime(data)
-    if mime is None:                       # e.g. BMP or TIFF: re-encode as PNG
-        from PIL import Image
+    if mime is None:
+        from model.processor import load_image     # torch and transformers: only for the rare other formats
         buf = io.BytesIO()
-        Image.open(io.BytesIO(data)).convert("RGB").save(buf, format="PNG")
+        load_image(data, what=what).save(buf, format="PNG")
         data, mime = buf.getvalue(), "image/png"
     return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
@@ -283,12 +295,11 @@ class LocalModelJudge:
 
     def __call__(self, instruction: str, image: bytes) -> JudgeReply:
         import torch
-        from PIL import Image
-        picture = Image.open(io.BytesIO(image)).convert("RGB")
         with self._lock, torch.no_grad():
             self.requests += 1
-            # no <image> marker: Processor.encode places the image before the text
-            encoded = self.processor.encode(fill_prompt(self.prompt, instruction), [picture])
+            # no <image> marker: Processor.encode places the image before the text, decoding the bytes with the
+            # project's one image loader (model/processor.py), as for any other prompt
+            encoded = self.processor.encode(fill_prompt(self.prompt, instruction), [image])
             rollout = self._generate(self.model, [encoded], group_size=1, max_new_tokens=self.max_new_tokens,
                                      temperature=0.0, stop_token_ids=self.processor.stop_token_ids,
                                      pad_token_id=self.processor.pad_token_id, seed=0)

@@ -1,4 +1,4 @@
-"""The step-guided instruction appended to every user question (PAPER.md section 2), in this project's words.
+"""The step-guided instruction appended to every user question (docs/method.md#output-format), in our words.
 
 `build_prompt(question)` -> question + "\n" + instruction; `prompt_file=` swaps in a user's own instruction.
 """

@@ -7,7 +7,6 @@ when the `datasets` package happens to be installed. Check a file with
 """
 import argparse
 import base64
-import io
 import json
 import os
 import re
@@ -21,8 +20,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from data.record import Record
+from rewards import LABEL_KEYS
 
-TAG_FIELDS = ("image_tag", "text_tag", "combine_tag")
+TAG_FIELDS = tuple(LABEL_KEYS.values())     # image_tag, text_tag, combine_tag: the columns rewards.py reads
 TAG_VALUES = ("safe", "unsafe")
 IMAGE_MARKER = "<image>"     # the marker model/processor.py's Processor.encode places images at
 # Other spellings of an image placeholder seen in VLM datasets; all become IMAGE_MARKER.
@@ -84,16 +84,14 @@ def image_item_bytes(item, image_root: str | None, field: str = "images"):
 
 
 def decode_image(item, image_root: str | None, field: str = "images") -> Image.Image:
-    """Decode fully (so a truncated file fails here, not in a training step) and convert to RGB."""
+    """Decode fully (so a truncated file fails here, not in a training step) with the project's one image loader,
+    model/processor.py's load_image: EXIF orientation applied, then RGB, as sample.py and eval see images."""
+    from model.processor import load_image     # pulls in torch and transformers: only when pixels are decoded
     data = image_item_bytes(item, image_root, field)
-    if isinstance(data, Image.Image):
-        return data.convert("RGB")
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except Exception as e:
-        raise RowError(field, f"corrupt image ({len(data)} bytes): {type(e).__name__}: {e}") from None
-    return image.convert("RGB")
+        return load_image(data, what="corrupt image")
+    except ValueError as e:
+        raise RowError(field, str(e)) from None
 
 
 # ----------------------------------------------------------------------------- rows

@@ -1,6 +1,6 @@
 """Adapters from released safety datasets to a pool of (image, instruction) pairs for the SafeTag judge.
 
-Formats read (PAPER.md section 4 names VLGuard, SPA-VL and BeaverTails as the paper's pool):
+Formats read (the paper's pool is VLGuard, SPA-VL and BeaverTails, docs/method.md#the-dataset-safetag-vl-3k):
 - our pool JSONL: one {"image": ..., "instruction": ..., ["id"], ["source"]} per line;
 - VLGuard train/test JSON (ys-zong/VLGuard data/train.json): a list of {id, image, safe, instr-resp: [...]},
   each instr-resp entry holding one of safe_instruction / unsafe_instruction / instruction;
@@ -8,7 +8,7 @@ Formats read (PAPER.md section 4 names VLGuard, SPA-VL and BeaverTails as the pa
   chosen/rejected/image_name or class1..class3; or JSON/JSONL rows with a question and an image path or image_name;
 - BeaverTails-style text questions (PKU-Alignment/BeaverTails .jsonl[.gz] rows with a `prompt` field, or
   .json/.parquet/.csv/.txt), drawn into images by data/typography.py.
-Original safety labels are kept in `meta` for analysis only: the judge's tags replace them (PAPER.md section 4).
+Original safety labels are kept in `meta` for analysis only: the judge's tags replace them, as in the paper.
 """
 import csv
 import gzip

@@ -22,7 +22,8 @@ def encode_example(processor, record, response: str) -> dict:
 
 
 def make_batch(examples: list[dict], pad_id: int) -> dict:
-    """[left-padded prompt | right-padded response] rows (CONTRACTS.md); the response fills the last R columns.
+    """[left-padded prompt | right-padded response] rows, the layout train.py's collate uses; the response fills
+    the last R columns (prompt i ends at column P - 1, its response starts at column P).
 
     Returns model inputs plus `targets` (b, R) and `target_mask` (b, R), 1 on real response tokens."""
     b = len(examples)

@@ -1,18 +1,20 @@
 """Evaluate a checkpoint on a safety benchmark: load -> generate (resumable) -> judge -> report.
 
-    python -m eval --model DIR --benchmark figstep --data SafeBench-Tiny.csv --image-root images/ \
-        --text-prompt-file figstep_prompt.txt --out runs/eval/figstep [--judge keyword] [--judge http://host:8000/v1]
-Without --model it judges the outputs already saved in --out again (no regeneration).
+    python -m eval --model DIR --benchmark figstep --data SafeBench-Tiny.csv --image_root images/ \
+        --text_prompt_file figstep_prompt.txt --out runs/eval/figstep [--judge keyword] [--judge http://host:8000/v1]
+Without --model it judges the outputs already saved in --out again (no regeneration). The benchmarks, judges and
+metrics: docs/method.md#evaluation-protocol.
 """
 import argparse
-import json
 import os
 import sys
 
+from data.files import read_jsonl
 from eval.benchmarks import LOADERS, MMSB_KINDS, VLGUARD_SUBSETS, BenchmarkError, read_prompt_file
+from eval.generate import read_settings
 from eval.judges import ChatClient, ChoiceJudge, JudgeError, LLMJudge, keyword_judge, run_judge
-from eval.templates import make_router
 from eval.report import build_report, write_report
+from eval.templates import make_router
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -24,28 +26,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder: outputs.jsonl, judgments/, report.{json,md,png}")
     p.add_argument("--model", default=None, help="checkpoint folder (Hugging Face layout); omit to re-judge saved outputs")
     p.add_argument("--data", default=None, help="the benchmark's file or folder in its native format")
-    p.add_argument("--image-root", default=None, help="the folder the benchmark's image paths are relative to")
+    p.add_argument("--image_root", default=None, help="the folder the benchmark's image paths are relative to")
     g = p.add_argument_group("benchmark options")
     g.add_argument("--split", default="test", help="SafeTag split")
     g.add_argument("--kinds", default=",".join(MMSB_KINDS), help="MM-SafetyBench image kinds, comma-separated")
     g.add_argument("--scenarios", default=None, help="MM-SafetyBench scenarios (names or 2-digit codes), comma-separated")
-    g.add_argument("--ids-file", default=None, help="MM-SafetyBench TinyVersion_ID_List.json to keep the Tiny subset")
+    g.add_argument("--ids_file", default=None, help="MM-SafetyBench TinyVersion_ID_List.json to keep the Tiny subset")
     g.add_argument("--subsets", default=",".join(VLGUARD_SUBSETS), help="VLGuard subsets, comma-separated")
-    g.add_argument("--text-prompt-file", default=None, help="FigStep's fixed text prompt (a text file)")
-    g.add_argument("--regenerate-images", action="store_true", help="FigStep: draw the images with data/typography.py")
+    g.add_argument("--text_prompt_file", default=None, help="FigStep's fixed text prompt (a text file)")
+    g.add_argument("--regenerate_images", action="store_true", help="FigStep: draw the images with data/typography.py")
     g.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
     g = p.add_argument_group("generation")
     g.add_argument("--device", default="cpu", help="torch device")
     g.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype")
-    g.add_argument("--batch-size", type=int, default=8, help="records per generation batch")
-    g.add_argument("--max-new-tokens", type=int, default=4096, help="response budget in tokens")
+    g.add_argument("--batch_size", type=int, default=8, help="records per generation batch")
+    g.add_argument("--max_new_tokens", type=int, default=4096, help="response budget in tokens")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (temperature > 0)")
-    g.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (temperature > 0)")
-    g.add_argument("--num-samples", type=int, default=1, help="responses per record (needs temperature > 0)")
+    g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (temperature > 0)")
+    g.add_argument("--top_k", type=int, default=0, help="top-k sampling, 0 = off (temperature > 0)")
+    g.add_argument("--group_size", type=int, default=1,
+                   help="G: responses per record, as in training (needs temperature > 0)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
-    g.add_argument("--no-step-guided", action="store_true", help="send the bare question, without the step-guided instruction")
-    g.add_argument("--prompt-file", default=None, help="your own step-guided instruction (a text file)")
+    g.add_argument("--no_step_guided", action="store_true", help="send the bare question, without the step-guided instruction")
+    g.add_argument("--prompt_file", default=None, help="your own step-guided instruction (a text file)")
     g = p.add_argument_group("judging")
     g.add_argument("--judge", action="append", default=None, metavar="keyword|choice|URL",
                    help="repeatable; keyword lists, the multiple-choice letter parser, or an OpenAI-compatible "
@@ -53,19 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keywords", action="append", default=None, metavar="safegrpo|PATH",
                    help="repeatable; refusal keyword lists for --judge keyword (a file: a Python list as in the "
                         "authors' code, or one keyword per line). Default: safegrpo")
-    g.add_argument("--judge-on", default="answer", choices=("answer", "full"),
+    g.add_argument("--judge_on", default="answer", choices=("answer", "full"),
                    help="judge the <answer> span or the full response")
-    g.add_argument("--judge-model", default="gpt-4o-mini", help="model name sent to the LLM judge endpoint")
-    g.add_argument("--judge-prompt-file", default=None, metavar="PATH[:VARIABLE]",
+    g.add_argument("--judge_model", default="gpt-4o-mini", help="model name sent to the LLM judge endpoint")
+    g.add_argument("--judge_prompt_file", default=None, metavar="PATH[:VARIABLE]",
                    help="judge template instead of ours (eval/prompts/); the authors' Python files work as they are")
-    g.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    g.add_argument("--judge-workers", type=int, default=4, help="concurrent judge requests")
-    g.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
-    g.add_argument("--judge-retries", type=int, default=3, help="retries on network errors, 429 and 5xx")
-    g.add_argument("--judge-max-tokens", type=int, default=512, help="max tokens of a judge reply")
-    g.add_argument("--no-judge-images", action="store_true", help="never attach images to judge requests")
+    g.add_argument("--judge_api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    g.add_argument("--judge_workers", type=int, default=4, help="concurrent judge requests")
+    g.add_argument("--judge_timeout", type=float, default=60.0, help="seconds per judge request")
+    g.add_argument("--judge_retries", type=int, default=3, help="retries on network errors, 429 and 5xx")
+    g.add_argument("--judge_max_tokens", type=int, default=512, help="max tokens of a judge reply")
+    g.add_argument("--no_judge_images", action="store_true", help="never attach images to judge requests")
     g.add_argument("--rejudge", action="store_true", help="discard saved judgments of these judges and judge again")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -74,14 +77,14 @@ def _csv(s: str | None) -> list[str] | None:
 
 
 def load_records(args):
-    """The benchmark's records, from --data and --image-root, with the options that benchmark takes."""
+    """The benchmark's records, from --data and --image_root, with the options that benchmark takes."""
     if args.data is None:
         raise BenchmarkError(f"--data is required to generate (the {args.benchmark} file or folder)")
     if not os.path.exists(args.data):
         raise FileNotFoundError(f"--data {args.data} does not exist")
     b, root = args.benchmark, args.image_root
-    if b not in ("safetag", "figstep") and root is None:
-        raise BenchmarkError(f"{b} needs --image-root (the folder its image paths are relative to)")
+    if b not in ("safetag", "figstep", "vlsbench") and root is None:     # these three have a default
+        raise BenchmarkError(f"{b} needs --image_root (the folder its image paths are relative to)")
     if b == "safetag":
         records = LOADERS[b](args.data, image_root=root, split=args.split)
     elif b == "mmsafetybench":
@@ -89,7 +92,7 @@ def load_records(args):
                              ids_file=args.ids_file)
     elif b == "figstep":
         if args.text_prompt_file is None:
-            raise BenchmarkError("figstep needs --text-prompt-file: FigStep's fixed text prompt "
+            raise BenchmarkError("figstep needs --text_prompt_file: FigStep's fixed text prompt "
                                  "(FigStep README, section 2.1), in a text file")
         records = LOADERS[b](args.data, read_prompt_file(args.text_prompt_file), image_root=root,
                              regenerate_images=args.regenerate_images)
@@ -107,7 +110,7 @@ def generate(args, path: str) -> list[dict]:
     from eval.generate import GenerationConfig, generate_outputs
 
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, num_samples=args.num_samples, seed=args.seed,
+                              top_k=args.top_k, group_size=args.group_size, seed=args.seed,
                               step_guided=not args.no_step_guided, prompt_file=args.prompt_file)
     records = load_records(args)
     print(f"{args.benchmark}: {len(records)} records", file=sys.stderr)
@@ -137,15 +140,17 @@ def make_judges(args) -> list:
             client = ChatClient(spec, model=args.judge_model, api_key=os.environ.get(args.judge_api_key_env),
                                 timeout=args.judge_timeout, max_retries=args.judge_retries,
                                 max_tokens=args.judge_max_tokens)
-            judges.append(LLMJudge(client, make_router(args.benchmark, args.judge_prompt_file), on=args.judge_on,
-                                   images=not args.no_judge_images, prompt_file=args.judge_prompt_file))
+            router = make_router(args.benchmark, args.judge_prompt_file)
+            if args.no_judge_images and router({"meta": {}}).require_image:     # fail before any generation
+                raise ValueError(f"--no_judge_images: the {args.benchmark} judge must see the image")
+            judges.append(LLMJudge(client, router, on=args.judge_on, images=not args.no_judge_images,
+                                   prompt_file=args.judge_prompt_file))
         else:
             raise ValueError(f"--judge {spec!r}: expected keyword, choice, or an http(s):// endpoint URL")
     return judges
 
 
 def run(args) -> dict:
-    from eval.generate import read_jsonl
     os.makedirs(args.out, exist_ok=True)
     outputs_path = os.path.join(args.out, "outputs.jsonl")
     judges = make_judges(args)          # bad judge flags fail before any generation
@@ -170,10 +175,7 @@ def run(args) -> dict:
         judged[judge.name] = (judge.settings(), run_judge(judge, rows, path, workers=workers,
                                                           progress=not args.no_progress))
     settings_path = outputs_path + ".settings.json"
-    generation = None
-    if os.path.exists(settings_path):
-        with open(settings_path, encoding="utf-8") as f:
-            generation = json.load(f)
+    generation = read_settings(settings_path) if os.path.exists(settings_path) else None
     report = build_report(args.benchmark, rows, judged, generation)
     paths = write_report(report, args.out)
     for name, j in report["judges"].items():

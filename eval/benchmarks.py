@@ -1,4 +1,5 @@
-"""Loaders for the safety benchmarks in their native formats (see ../shared/benchmarks/README.md).
+"""Loaders for the safety benchmarks in their native formats (docs/method.md#evaluation-protocol lists them;
+tests/data/ holds a few real rows of each).
 
 Each loader reads the benchmark's own files and returns a `RecordList` of `data.record.Record`s; images are
 checked up front (a missing file is an error naming it) and decoded only when a record is taken.
@@ -36,14 +37,12 @@ class BenchmarkError(ValueError):
 ImageSource = str | Callable[[], Image.Image]   # a file path, or a function that draws the image
 
 
-def open_rgb(source: ImageSource) -> Image.Image:
-    if callable(source):
-        return source().convert("RGB")
-    try:
-        with Image.open(source) as image:
-            return image.convert("RGB")
-    except OSError as e:
-        raise BenchmarkError(f"cannot read image {source}: {e}") from e
+def open_rgb(source: ImageSource, what: str = "image") -> Image.Image:
+    """The image as the model sees it: through the project's one loader (model/processor.py's load_image: EXIF
+    orientation applied, then RGB), as sample.py and training read images. Errors start with `what` and name
+    the file: FileNotFoundError when it is gone, ValueError when it does not decode."""
+    from model.processor import load_image      # pulls in torch and transformers: only when pixels are needed
+    return load_image(source() if callable(source) else source, what=what)
 
 
 class RecordList(Sequence):
@@ -77,7 +76,8 @@ class RecordList(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return RecordList(self.stubs[i], self.sources[i])
-        return dataclasses.replace(self.stubs[i], images=[open_rgb(s) for s in self.sources[i]])
+        stub = self.stubs[i]
+        return dataclasses.replace(stub, images=[open_rgb(s, what=stub.id) for s in self.sources[i]])
 
 
 def _check_images(benchmark: str, paths: list[str], hint: str) -> None:
@@ -93,6 +93,14 @@ def _read_json(path: str):
             return json.load(f)
     except json.JSONDecodeError as e:
         raise BenchmarkError(f"{path}: not valid JSON ({e})") from e
+
+
+def _read_list(path: str, rows: str) -> list:
+    """A JSON file that must hold a list (of `rows`, e.g. "VLGuard rows", named in the error)."""
+    table = _read_json(path)
+    if not isinstance(table, list):
+        raise BenchmarkError(f"{path}: expected a JSON list of {rows}, got {type(table).__name__}")
+    return table
 
 
 def _field(row: dict, key: str, where: str):
@@ -152,7 +160,7 @@ def load_mmsafetybench(path: str, image_root: str, kinds: Sequence[str] = MMSB_K
                     meta={"scenario": scenario, "kind": kind, "qid": qid, "group": mmsb_group(scenario),
                           "image_paths": [os.path.join(image_root, scenario, kind, f"{qid}.jpg")]}))
     return _with_checked_images("MM-SafetyBench", stubs,
-                                "--image-root should be the folder holding the scenario folders (upstream data/imgs).")
+                                "--image_root should be the folder holding the scenario folders (upstream data/imgs).")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -174,10 +182,10 @@ def load_figstep(path: str, text_prompt: str, image_root: str | None = None,
     regenerate_images is set (the same layout and canvas in pillow's font, so not the released pixels)."""
     if not text_prompt or not text_prompt.strip():
         raise BenchmarkError("FigStep needs its fixed text prompt (FigStep README, section 2.1); "
-                             "pass it with --text-prompt-file")
+                             "pass it with --text_prompt_file")
     if image_root is None and not regenerate_images:
-        raise BenchmarkError("FigStep: give --image-root (the folder of query_*_6.png images) "
-                             "or --regenerate-images to draw them with data/typography.py")
+        raise BenchmarkError("FigStep: give --image_root (the folder of query_*_6.png images) "
+                             "or --regenerate_images to draw them with data/typography.py")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in FIGSTEP_COLUMNS if c not in (reader.fieldnames or [])]
@@ -200,8 +208,8 @@ def load_figstep(path: str, text_prompt: str, image_root: str | None = None,
             sources.append([image_path])
     if not regenerate_images:
         _check_images("FigStep", [s[0] for s in sources],
-                      "--image-root should hold query_{dataset}_{category_id}_{task_id}_6.png, "
-                      "or use --regenerate-images.")
+                      "--image_root should hold query_{dataset}_{category_id}_{task_id}_6.png, "
+                      "or use --regenerate_images.")
     return RecordList(stubs, sources)
 
 
@@ -215,9 +223,7 @@ def load_vlguard(path: str, image_root: str, subsets: Sequence[str] = VLGUARD_SU
     for s in subsets:
         if s not in VLGUARD_SUBSETS:
             raise BenchmarkError(f"VLGuard: unknown subset {s!r}; choose from {', '.join(VLGUARD_SUBSETS)}")
-    table = _read_json(path)
-    if not isinstance(table, list):
-        raise BenchmarkError(f"{path}: expected a JSON list of VLGuard rows")
+    table = _read_list(path, "VLGuard rows")
     stubs = []
     for n, row in enumerate(table):
         where = f"{path}, row {n}"
@@ -242,7 +248,7 @@ def load_vlguard(path: str, image_root: str, subsets: Sequence[str] = VLGUARD_SU
                 meta={"harmful_category": row.get("harmful_category", ""),
                       "harmful_subcategory": row.get("harmful_subcategory", ""), "image_paths": [image_path]}))
     return _with_checked_images("VLGuard", stubs,
-                                "--image-root should be the folder the 'image' fields are relative to (VLGuard test/).")
+                                "--image_root should be the folder the 'image' fields are relative to (VLGuard test/).")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -251,9 +257,7 @@ def load_vlguard(path: str, image_root: str, subsets: Sequence[str] = VLGUARD_SU
 
 def load_siuo(path: str, image_root: str) -> RecordList:
     """path: siuo_gen.json. image_root: the folder of S-01.png, ... images."""
-    table = _read_json(path)
-    if not isinstance(table, list):
-        raise BenchmarkError(f"{path}: expected a JSON list of SIUO rows")
+    table = _read_list(path, "SIUO rows")
     stubs = []
     for n, row in enumerate(table):
         where = f"{path}, row {n}"
@@ -270,9 +274,7 @@ def load_siuo(path: str, image_root: str) -> RecordList:
 
 def load_siuo_mcqa(path: str, image_root: str) -> RecordList:
     """path: siuo_mcqa.json. The prompt is our multiple-choice wording with the four options."""
-    table = _read_json(path)
-    if not isinstance(table, list):
-        raise BenchmarkError(f"{path}: expected a JSON list of SIUO multiple-choice rows")
+    table = _read_list(path, "SIUO multiple-choice rows")
     stubs = []
     for n, row in enumerate(table):
         where = f"{path}, row {n}"
@@ -294,7 +296,7 @@ def load_siuo_mcqa(path: str, image_root: str) -> RecordList:
 
 
 def _with_checked_images(name: str, stubs: list[Record],
-                         hint: str = "--image-root should be the folder the 'image' fields are relative to.") -> RecordList:
+                         hint: str = "--image_root should be the folder the 'image' fields are relative to.") -> RecordList:
     sources = [list(r.meta["image_paths"]) for r in stubs]
     _check_images(name, [p for s in sources for p in s], hint)
     return RecordList(stubs, sources)
@@ -321,6 +323,34 @@ def load_mossbench(path: str, image_root: str, subset: str = "benign") -> Record
             meta={"description": row.get("description", ""), "metadata": metadata,
                   "image_paths": [os.path.join(image_root, _field(row, "image", where))]}))
     return _with_checked_images("MOSSBench", stubs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# VLSBench: data.json, a list of {instruction_id, instruction, image_path, category, sub_category, source,
+# image_description, safety_reason}, image_path relative to the data folder (the one holding data.json). The
+# risk is in the image only: the instruction alone reads harmless (no visual safety information leaks into it).
+
+def load_vlsbench(path: str, image_root: str | None = None) -> RecordList:
+    """path: VLSBench's data.json. image_root: the folder the `image_path` fields are relative to (default: the
+    folder of data.json, as released). The fields read are required; the others are kept when present (the first
+    release had no image_description or safety_reason)."""
+    table = _read_list(path, "VLSBench rows")
+    root = os.path.dirname(os.path.abspath(path)) if image_root is None else image_root
+    stubs = []
+    for n, row in enumerate(table):
+        where = f"{path}, row {n}"
+        instruction = _field(row, "instruction", where)
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise BenchmarkError(f"{where}: field 'instruction' must be non-empty text, got {instruction!r}")
+        stubs.append(Record(
+            id=f"vlsbench/{_field(row, 'instruction_id', where)}", prompt=instruction, images=[],
+            labels={"safety_reason": row.get("safety_reason", ""),
+                    "image_description": row.get("image_description", "")},
+            subset=_field(row, "category", where),
+            meta={"sub_category": row.get("sub_category", ""), "source": row.get("source", ""),
+                  "image_paths": [os.path.join(root, _field(row, "image_path", where))]}))
+    return _with_checked_images("VLSBench", stubs, "--image_root should be the folder the 'image_path' fields are "
+                                                   "relative to (by default the folder of data.json).")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -358,4 +388,5 @@ LOADERS = {
     "siuo-mcqa": load_siuo_mcqa,
     "mossbench": load_mossbench,
     "mossbench-contrast": lambda path, image_root: load_mossbench(path, image_root, subset="contrast"),
+    "vlsbench": load_vlsbench,
 }

@@ -11,8 +11,10 @@ import re
 import zlib
 from dataclasses import asdict, dataclass
 
+from data.files import append_jsonl, read_jsonl, write_json
+
 # ---------------------------------------------------------------------------------------------------------
-# Response spans (PAPER.md section 2): <think> ... </think> <answer> ... </answer>. The chat template's
+# Response spans (docs/method.md#output-format): <think> ... </think> <answer> ... </answer>. The chat template's
 # generation prompt opens <think> itself, so a response usually starts inside the think block.
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL | re.IGNORECASE)
@@ -44,47 +46,6 @@ def _strip_open_think(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# JSONL files that survive a crash
-
-def read_jsonl(path: str) -> list[dict]:
-    """Rows of a JSONL file. A torn final line (a crash mid-write) is dropped and cut from the file; a bad
-    line anywhere else is an error naming the line."""
-    rows, good_bytes = [], 0
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
-    for n, line in enumerate(lines):
-        if not line.strip():
-            good_bytes += len(line) + 1
-            continue
-        try:
-            rows.append(json.loads(line))
-            good_bytes += len(line) + 1
-        except json.JSONDecodeError as e:
-            if n == len(lines) - 1:        # no newline after it: the write was interrupted
-                with open(path, "r+b") as f:
-                    f.truncate(good_bytes)
-                break
-            raise ValueError(f"{path}, line {n + 1}: not valid JSON ({e}); fix or delete the file") from None
-    return rows
-
-
-def append_jsonl(path: str, rows: list[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_json(path: str, obj) -> None:
-    """Write then rename, so a reader never sees half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Generation
 
 @dataclass
@@ -93,7 +54,7 @@ class GenerationConfig:
     temperature: float = 0.0         # 0 = greedy (the default for evaluation)
     top_p: float = 1.0
     top_k: int = 0
-    num_samples: int = 1             # responses per record (> 1 needs temperature > 0)
+    group_size: int = 1              # G: responses per record, as in training (> 1 needs temperature > 0)
     seed: int = 0
     step_guided: bool = True         # append the step-guided instruction (data/prompt.py) to each question
     prompt_file: str | None = None   # a user's own step-guided instruction
@@ -101,10 +62,10 @@ class GenerationConfig:
     def __post_init__(self):
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
-        if self.num_samples > 1 and self.temperature == 0:
-            raise ValueError("num_samples > 1 with greedy decoding gives identical samples; set temperature > 0")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.group_size > 1 and self.temperature == 0:
+            raise ValueError("group_size > 1 with greedy decoding gives identical samples; set temperature > 0")
         if self.prompt_file is not None and not self.step_guided:
             raise ValueError("a step-guided prompt file was given but the step-guided prompt is off")
         if self.max_new_tokens < 1:
@@ -135,6 +96,15 @@ def output_key(row: dict) -> tuple:
     return (row["id"], row.get("sample", 0))
 
 
+def read_settings(path: str) -> dict:
+    """The generation settings saved beside an outputs file (outputs.jsonl.settings.json)."""
+    with open(path, encoding="utf-8") as f:
+        settings = json.load(f)
+    if "num_samples" in settings:       # written before G was called group_size, as in train.py
+        settings["group_size"] = settings.pop("num_samples")
+    return settings
+
+
 def generate_outputs(load_model, records, path: str, config: GenerationConfig, benchmark: str,
                      model_name: str = "", batch_size: int = 8, progress: bool = True) -> list[dict]:
     """Generate every (record, sample) not yet in `path`; return all rows in record order.
@@ -151,8 +121,7 @@ def generate_outputs(load_model, records, path: str, config: GenerationConfig, b
     settings = {"benchmark": benchmark, "model": model_name, **asdict(config)}
     settings_path = path + ".settings.json"
     if os.path.exists(path) and os.path.exists(settings_path):
-        with open(settings_path, encoding="utf-8") as f:
-            old = json.load(f)
+        old = read_settings(settings_path)
         if old != settings:
             changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             raise ValueError(f"{path} holds outputs generated with other settings ({', '.join(changed)} differ); "
@@ -161,7 +130,7 @@ def generate_outputs(load_model, records, path: str, config: GenerationConfig, b
 
     done = {output_key(r): r for r in read_jsonl(path)} if os.path.exists(path) else {}
     ids = records.ids if hasattr(records, "ids") else [r.id for r in records]
-    G = config.num_samples
+    G = config.group_size
     todo = [i for i, rid in enumerate(ids) if any((rid, s) not in done for s in range(G))]
     if todo:
         model, processor = load_model()

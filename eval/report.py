@@ -20,8 +20,8 @@ def build_report(benchmark: str, rows: list[dict], judged: dict, generation: dic
             "settings": settings, "n": len(judgments),
             "labels": dict(Counter(str(j["label"]) for j in judgments)),
             "unparsed": len(unparsed),
-            "unparsed_examples": [{"id": j["id"], "sample": j.get("sample", 0), "raw": j.get("raw", "")[:300]}
-                                  for j in unparsed[:10]],
+            "unparsed_examples": [{"id": j["id"], "sample": j.get("sample", 0), "raw": j.get("raw", "")[:300],
+                                   "problem": j.get("problem", "")} for j in unparsed[:10]],
             "metrics": compute_metrics(benchmark, rows, judgments)}
     return report
 
@@ -56,7 +56,7 @@ def to_markdown(report: dict) -> str:
         if gen.get("step_guided"):
             prompt = f"on ({gen['prompt_file']})" if gen.get("prompt_file") else "on (data/prompt.py)"
         out += [f"Generation: model `{gen.get('model', '')}`, {decoding}, max {gen.get('max_new_tokens')} new tokens, "
-                f"{gen.get('num_samples', 1)} sample(s) per record, step-guided prompt {prompt}.", ""]
+                f"{gen.get('group_size', 1)} sample(s) per record, step-guided prompt {prompt}.", ""]
     out += ["Rates are shares of judged responses with 95% Wilson intervals; unparsed verdicts are left out of n "
             "and counted. Safety score = 100 - ASR (attack success rate).", ""]
     for name, j in report["judges"].items():
@@ -69,7 +69,8 @@ def to_markdown(report: dict) -> str:
         out += ["### Headline", ""] + _table(headline) + ["", "### All metrics", ""] + _table(j["metrics"]) + [""]
         if j["unparsed_examples"]:
             out += ["Unparsed verdicts (first ones):", ""]
-            out += [f"- `{e['id']}` sample {e['sample']}: {json.dumps(e['raw'][:160])}" for e in j["unparsed_examples"]]
+            out += [f"- `{e['id']}` sample {e['sample']}: {json.dumps(e['raw'][:160])}"
+                    + (f" ({e['problem']})" if e.get("problem") else "") for e in j["unparsed_examples"]]
             out += [""]
     return "\n".join(out)
 

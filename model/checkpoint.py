@@ -16,6 +16,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .decoder import FusedLinear
 from .qwen2_5_vl import Qwen2_5_VL
 from .qwen3_vl import Qwen3VL
 
@@ -73,6 +74,20 @@ def _expected_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return expected
 
 
+def _fused_parts(model: nn.Module) -> dict[str, list[tuple[str, int]]]:
+    """Our fused tensors (FusedLinear: q/k/v, gate/up) -> [(our name for each Hugging Face part, rows), ...] in
+    row order, e.g. 'language_model.layers.0.self_attn.qkv_proj.weight' -> [('...self_attn.q_proj.weight', H*D),
+    ('...k_proj.weight', Hkv*D), ('...v_proj.weight', Hkv*D)]."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FusedLinear):
+            parent = name.rpartition(".")[0]
+            for kind in ("weight", "bias"):
+                if getattr(module, kind) is not None:
+                    out[f"{name}.{kind}"] = [(f"{parent}.{part}.{kind}", rows) for part, rows in module.parts]
+    return out
+
+
 def load(path, device="cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     """Build the model named by path/config.json and load its weights, in eval mode.
 
@@ -88,6 +103,11 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     with torch.device("meta"):
         model = cls(config)
     expected = _expected_params(model)
+    # The checkpoint holds the parts of our fused tensors under their own names: expect those instead.
+    fused = _fused_parts(model)
+    for key, parts in fused.items():
+        shape = expected.pop(key).shape
+        expected.update({part: torch.empty((rows, *shape[1:]), device="meta") for part, rows in parts})
 
     state, unexpected, source = {}, [], {}
     for file in _weight_files(path):
@@ -113,6 +133,8 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     if unexpected or missing:
         raise ValueError(f"{path}: checkpoint does not match the {cls.__name__} built from config.json; "
                          f"missing keys: {missing or 'none'}; unexpected keys: {unexpected or 'none'}")
+    for key, parts in fused.items():  # join the parts, one fused tensor at a time
+        state[key] = torch.cat([state.pop(part) for part, _ in parts])
     # Keys were checked above; strict=False only lets a tied lm_head (absent on purpose) through.
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()  # assign=True replaced the embedding Parameter; point lm_head at the new one
@@ -139,10 +161,14 @@ def _hf_state(model: nn.Module, state_dict=None) -> dict[str, torch.Tensor]:
     expected = _expected_params(model)
     if state_dict is not None:
         expected = {k: state_dict[k] for k in expected}
+    fused = _fused_parts(model)
     out = {}
     for key, t in expected.items():
-        ours = next(p for p in reverse if key.startswith(p))
-        out[reverse[ours] + key[len(ours):]] = t.detach()
+        pieces = zip((part for part, _ in fused[key]), t.split([rows for _, rows in fused[key]])) \
+            if key in fused else [(key, t)]  # a fused tensor is written as its Hugging Face parts
+        for name, piece in pieces:
+            ours = next(p for p in reverse if name.startswith(p))
+            out[reverse[ours] + name[len(ours):]] = piece.detach()
     return out
 
 

@@ -1,21 +1,26 @@
 """The Qwen text decoder: RMSNorm, GQA attention with optional q/k RMSNorm and biases, SwiGLU MLP, blocks,
 and the stack. One decoder for Qwen3-VL (q/k norm, no biases) and Qwen2.5-VL (q/k/v biases, no q/k norm):
-the qk_norm / qkv_bias / o_bias flags of TextConfig. Module names match the Hugging Face keys under `language_model.`.
+the qk_norm / qkv_bias / o_bias flags of TextConfig. Module names match the Hugging Face keys under
+`language_model.`, except the two fused projections (FusedLinear): q/k/v are one matrix `qkv_proj` and the
+MLP's gate/up one matrix `gate_up_proj`, one matrix product each instead of three and two; checkpoints keep
+Hugging Face's separate tensors (model/checkpoint.py splits and joins them).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import TextConfig
-from .rope import apply_rotary, rotary_one_token
+from .rope import apply_rotary
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalize in fp32, cast back, then scale: the order HF uses, so bf16 results match too. F.rms_norm is
-    # the same x * rsqrt(mean(x^2) + eps), bit for bit, in one call.
-    if x.dtype == torch.float32:
+    """x * rsqrt(mean(x^2) + eps) * weight, computed in fp32. When x and the weight share a dtype this is one fused
+    kernel (F.rms_norm) that rounds once to x's dtype: in fp32 exactly HF's result, in bf16 within one rounding of it
+    (HF rounds the normalised x, then the product). Otherwise (bf16 activations and an fp32 weight, as under autocast
+    with fp32 master weights, or one weight row per head) HF's order, which also gives HF's fp32 result dtype."""
+    if weight.dtype == x.dtype and weight.shape == x.shape[-1:]:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 class RMSNorm(nn.Module):
@@ -26,6 +31,16 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+
+class FusedLinear(nn.Linear):
+    """Several Hugging Face projections of the same input as one matrix: `parts` = ((HF name, out rows), ...) in
+    row order. The checkpoint reader joins the parts' tensors (`<parent>.<HF name>.weight`) into this one and
+    the writer splits it again, so a saved model has exactly the Hugging Face keys."""
+
+    def __init__(self, in_features: int, parts: tuple, bias: bool):
+        super().__init__(in_features, sum(rows for _, rows in parts), bias=bias)
+        self.parts = tuple(parts)
 
 
 class KeyMask:
@@ -97,54 +112,49 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.impl = cfg.attn_impl
-        C, D = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(C, self.n_heads * D, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(C, self.n_kv_heads * D, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(C, self.n_kv_heads * D, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * D, C, bias=cfg.o_bias)
+        C, H, Hkv, D = cfg.hidden_size, self.n_heads, self.n_kv_heads, cfg.head_dim
+        self.qkv_proj = FusedLinear(C, (("q_proj", H * D), ("k_proj", Hkv * D), ("v_proj", Hkv * D)), cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * D, C, bias=cfg.o_bias)
         # Qwen3 normalizes each head's q and k (over head_dim) before the rotary.
-        self.q_norm = RMSNorm(D, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(D, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache=None):
+        """x (B, T, C); cos/sin (B, T, D) from rope.mrope_cos_sin; mask a KeyMask or None (causal); cache: a
+        KVCache-like object (kv_cache.py) whose attend() stores this step's keys/values and attends over all."""
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): same angles for every head
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        H, Hkv = self.n_heads, self.n_kv_heads
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, self.head_dim)
+        qk, v = qkv.split((H + Hkv, Hkv), dim=2)  # q and k heads side by side: one norm, one rotary for both
+        if self.qk_norm:
+            weight = torch.cat((self.q_norm.weight.expand(H, -1), self.k_norm.weight.expand(Hkv, -1)))  # (H+Hkv, D)
+            qk = rms_norm(qk, weight, self.q_norm.eps)
+        qk = apply_rotary(qk, cos[:, :, None], sin[:, :, None])  # (B, T, 1, D): the same angles for every head
+        q, k = qk.split((H, Hkv), dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if cache is None:
             y = attention(q, k, v, mask, self.impl)
         else:  # the cache stores k/v at this step's slots and attends over everything it holds
             y = cache.attend(self.layer_idx, q, k, v)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-    def decode(self, x, cos, signed_sin, cache):
-        """forward for one new token per row, x (B, C) -> (B, C) (see TextModel.decode)."""
-        B = x.shape[0]
-        q = F.linear(x, self.q_proj.weight, self.q_proj.bias).view(B, self.n_heads, self.head_dim)
-        k = F.linear(x, self.k_proj.weight, self.k_proj.bias).view(B, self.n_kv_heads, self.head_dim)
-        v = F.linear(x, self.v_proj.weight, self.v_proj.bias).view(B, self.n_kv_heads, self.head_dim)
-        if isinstance(self.q_norm, RMSNorm):
-            q = rms_norm(q, self.q_norm.weight, self.q_norm.eps)
-            k = rms_norm(k, self.k_norm.weight, self.k_norm.eps)
-        q, k = rotary_one_token(q, cos, signed_sin), rotary_one_token(k, cos, signed_sin)
-        y = cache.attend_one(self.layer_idx, q, k, v)  # (B, H * D)
-        return F.linear(y, self.o_proj.weight, self.o_proj.bias)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.head_dim))
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(act(gate(x)) * up(x)). The decoder's has no biases; Qwen2.5-VL's ViT blocks use it with biases."""
+    """SwiGLU: down(act(gate(x)) * up(x)), gate and up as one matrix. The decoder's has no biases; Qwen2.5-VL's
+    ViT blocks use it with biases."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, act=F.silu):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.gate_up_proj = FusedLinear(hidden_size, (("gate_proj", intermediate_size), ("up_proj", intermediate_size)),
+                                        bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.act = act
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -158,16 +168,6 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-    def decode(self, x, cos, signed_sin, cache):
-        """forward for one new token per row, x (B, C) -> (B, C)."""
-        norm = self.input_layernorm
-        x = x + self.self_attn.decode(rms_norm(x, norm.weight, norm.eps), cos, signed_sin, cache)
-        norm, mlp = self.post_attention_layernorm, self.mlp
-        h = rms_norm(x, norm.weight, norm.eps)
-        h = mlp.act(F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)) * \
-            F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
-        return x + F.linear(h, mlp.down_proj.weight, mlp.down_proj.bias)
 
 
 class TextModel(nn.Module):
@@ -191,14 +191,3 @@ class TextModel(nn.Module):
                 visual_mask, features = deepstack
                 x = x.index_put((visual_mask,), x[visual_mask] + features[i].to(x.dtype))
         return self.norm(x)
-
-    def decode(self, x, cos, signed_sin, cache):
-        """The sampler's step: one new text token per row, x (B, C) -> (B, C), cos/signed_sin (B, 1, D) from
-        rope.text_cos_sin. The same math as forward with the cache in fewer tensor ops (functional calls on 2-D
-        activations, no module calls; 8.4 vs 9.8 ms per step at bench/sampler.py's size, where ops other than the
-        linear layers take half the step). Weights are read directly (no module hooks),
-        so an FSDP2 model must be unsharded first (parallel.RolloutPolicy does). The cache must offer
-        attend_one (GroupCache); forward stays the oracle (tests/test_sample.py)."""
-        for layer in self.layers:
-            x = layer.decode(x, cos, signed_sin, cache)
-        return rms_norm(x, self.norm.weight, self.norm.eps)

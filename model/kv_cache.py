@@ -14,11 +14,10 @@ The cache interface (what `Qwen3VL.forward(..., cache=c)` calls, in this order, 
         Called by every decoder layer: store this step's rotated keys and values, then return the attention
         of q over every real token held so far (causal: a new token sees earlier slots and itself).
 
-Any object with these three members works; a sampler can pass a shared-prefix group cache (one prompt
-prefix block shared by G sample rows, plus per-row suffix blocks) without the model knowing. The model
-never reads k/v storage directly. model.decode_step (the sampler's one-token fast path) also needs
-    c.attend_one(layer_idx, q (B, H, D), k (B, Hkv, D), v (B, Hkv, D)) -> (B, H * D)
-which GroupCache offers.
+Any object with these members works without the model knowing: the training forward's shared-prefix caches
+(prefix.py) and the rollout engine's static slots (slot_cache.py, whose step calls the decoder directly and so
+needs `attend` alone). The model never reads k/v storage directly. This KVCache is the plain one: the engine's
+prefill and the tests' reference decoding use it.
 """
 import torch
 

@@ -50,10 +50,12 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 
 def load_image(image, what: str = "image") -> Image.Image:
-    """A PIL image in RGB from a PIL image, a file path or encoded bytes; errors name the file.
+    """A PIL image in RGB from a PIL image, a file path or encoded bytes: the project's one image loader (training
+    data, sample.py, eval), so a photo reaches the model the same way whichever tool opened it.
 
-    Follows transformers: a path goes through its load_image (EXIF orientation applied, then convert("RGB")),
-    a PIL image through its convert_to_rgb (transparency composited onto white)."""
+    Follows transformers: a path or bytes go through its load_image (EXIF orientation applied, then
+    convert("RGB")), a PIL image through its convert_to_rgb (transparency composited onto white). Errors start
+    with `what` and name the file: FileNotFoundError for a missing one, ValueError for one that does not decode."""
     if isinstance(image, Image.Image):
         has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
         if has_alpha:
@@ -61,7 +63,7 @@ def load_image(image, what: str = "image") -> Image.Image:
             return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
         return image.convert("RGB")
     if isinstance(image, (bytes, bytearray, memoryview)):
-        source, name = io.BytesIO(bytes(image)), f"{what} ({len(image)} bytes of encoded image data)"
+        source, name = io.BytesIO(bytes(image)), f"data ({len(image)} bytes)"
     elif isinstance(image, (str, os.PathLike)):
         source = name = os.fspath(image)
         if not os.path.isfile(name):
@@ -73,7 +75,7 @@ def load_image(image, what: str = "image") -> Image.Image:
             im.load()  # decode now: Image.open is lazy, and a truncated file only fails here
             return ImageOps.exif_transpose(im).convert("RGB")
     except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError, ...)
-        raise ValueError(f"{what}: cannot decode image {name}: {e}") from e
+        raise ValueError(f"{what}: cannot decode image {name}: {type(e).__name__}: {e}") from e
 
 
 def patchify(image: np.ndarray, patch_size: int, temporal_patch_size: int, merge_size: int):

@@ -5,11 +5,10 @@ checkpoint key names.
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .decoder import TextModel, causal_mask
 from .kv_cache import KVCache
-from .rope import mrope_cos_sin, rope_index, text_cos_sin
+from .rope import mrope_cos_sin, rope_index
 
 
 # Checkpoint key prefix -> our module prefix, in the two layouts transformers has used: the v5 module paths,
@@ -126,25 +125,9 @@ class QwenVL(nn.Module):
 
         t = self.config.text
         cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section, x.dtype,
-                                 t.mrope_interleaved)  # (B, T, D)
+                                 t.mrope_interleaved)  # (B, T, D), sin signed for apply_rotary
         mask = None if cache is not None else causal_mask(real)
         h = self.language_model(x, cos, sin, mask, cache, deepstack)  # (B, T, C)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.lm_head(h)
-
-    def decode_step(self, tokens: torch.Tensor, cache) -> torch.Tensor:
-        """The sampler's fast path: one new text token per row, tokens (B,) -> next-token logits (B, V). The same
-        as forward(tokens[:, None], position_ids=cache.next_position (on all three axes), cache=cache)[:, -1]
-        (tests/test_sample.py), in fewer tensor ops (see TextModel.decode). cache: a GroupCache."""
-        t = self.config.text
-        positions = cache.next_position  # (B,): a text token takes the same position on the three M-RoPE axes
-        cache.append(torch.ones(tokens.shape[0], 1, dtype=torch.bool, device=tokens.device), positions + 1)
-        x = F.embedding(tokens, self.language_model.embed_tokens.weight)  # (B, C)
-        cos, signed_sin = text_cos_sin(positions, t.head_dim, t.rope_theta, x.dtype)
-        h = self.language_model.decode(x, cos[:, None], signed_sin[:, None], cache)  # cos (B, 1, D): every head
-        if h.device.type == "cpu" and self.lm_head.bias is None:
-            # (W h^T)^T, a transposed view: MKL runs this wide, thin product (V x C by C x B) 1.5-2x faster than
-            # h W^T, which cut the 256-token sampler benchmark by ~10% (2026-11-28); equal up to float rounding.
-            return torch.mm(self.lm_head.weight, h.t()).t()
-        return F.linear(h, self.lm_head.weight, self.lm_head.bias)

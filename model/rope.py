@@ -7,44 +7,31 @@ on all three axes; an image's tokens get (t, h, w) grid coordinates offset by th
 image starts, and the text after the image resumes at start + max(h, w). Qwen2-VL / Qwen2.5-VL give each
 axis a contiguous block of frequency pairs (t t .. h h .. w w ..); Qwen3-VL interleaves them (t h w t h w ... t t).
 """
-import functools
-
 import torch
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) over the two halves of the last dim: the 'half-split' rotary layout."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., D) by angles whose cos / signed_sin broadcast against it (from the *_cos_sin functions below).
+
+    The 'half-split' rotary: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) over the two halves of the last dim.
+    With signed_sin = sin with its first half negated, that is x * cos + (x2, x1) * signed_sin: three tensor ops
+    (a flip of the halves, a product, an addcmul), product for product what HF's x * cos + rotate_half(x) * sin
+    computes."""
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x2, x1)
+    return torch.addcmul(x * cos, swapped, signed_sin)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (..., D) by angles whose cos/sin broadcast against it."""
-    return x * cos + rotate_half(x) * sin
+def _cos_signed_sin(half_angles: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., D/2) angles -> cos, signed_sin (..., D): each angle rotates one pair (i, i + D/2)."""
+    cos, sin = half_angles.cos(), half_angles.sin()
+    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
-def rotary_one_token(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """apply_rotary in three ops, for the decode step: x (..., D), signed_sin = sin with its first half negated,
-    so that rotate_half(x) * sin == flip_halves(x) * signed_sin, product for product."""
-    halves = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x2, x1)
-    return torch.addcmul(x * cos, halves, signed_sin)
-
-
-@functools.lru_cache(maxsize=16)
-def _text_freq(head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    freq = inv_freq(head_dim, theta)
-    sign = torch.ones(head_dim)
-    sign[:head_dim // 2] = -1.0
-    return torch.cat((freq, freq)).to(device), sign.to(device)
-
-
-def text_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, signed_sin (B, D) of text tokens at positions (B,), for rotary_one_token. A text token has the same
-    id on the three M-RoPE axes, so the axis layout does not matter: the angles are position x inv_freq, the
-    same products mrope_cos_sin computes."""
-    freq, sign = _text_freq(head_dim, float(theta), positions.device)
-    angles = positions[:, None].float() * freq  # (B, D)
-    return angles.cos().to(dtype), (angles.sin() * sign).to(dtype)
+def text_cos_sin(positions: torch.Tensor, freq: torch.Tensor, dtype: torch.dtype):
+    """cos, signed_sin (B, D) of text tokens at positions (B,); freq = inv_freq(head_dim, theta) on their device.
+    A text token has the same id on the three M-RoPE axes, so the axis layout does not matter: the same angles,
+    bit for bit, as mrope_cos_sin. The rollout engine's step uses it (no per-step host tables)."""
+    return _cos_signed_sin(positions[:, None].float() * freq, dtype)
 
 
 def inv_freq(dim: int, theta: float) -> torch.Tensor:
@@ -69,27 +56,24 @@ def mrope_axes(mrope_section, interleaved: bool) -> torch.Tensor:
 
 def mrope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, mrope_section,
                   dtype: torch.dtype, interleaved: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """M-RoPE angles: position_ids (3, B, T) -> cos, sin (B, T, head_dim) in `dtype`; each frequency pair
-    rotates by the position on the axis `mrope_axes` gives it."""
+    """M-RoPE angles: position_ids (3, B, T) -> cos, signed_sin (B, T, head_dim) in `dtype` for apply_rotary;
+    each frequency pair rotates by the position on the axis `mrope_axes` gives it."""
     freq = inv_freq(head_dim, theta).to(position_ids.device)
     angles = position_ids[..., None].float() * freq  # (3, B, T, D/2)
     axes = mrope_axes(mrope_section, interleaved).to(position_ids.device)
     mixed = angles.gather(0, axes.expand(1, *angles.shape[1:]))[0]  # (B, T, D/2): pair i from axis axes[i]
-    emb = torch.cat((mixed, mixed), dim=-1)  # (B, T, D): the same angle for both halves
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return _cos_signed_sin(mixed, dtype)
 
 
 def vision_cos_sin(hw_positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """2-D rotary angles of the vision tower, fp32.
 
-    hw_positions (N, 2) = (row, col) of each patch -> cos, sin (N, head_dim). A quarter of the head dim
-    rotates with the row, a quarter with the col; the half-split layout doubles that to the full dim.
+    hw_positions (N, 2) = (row, col) of each patch -> cos, signed_sin (N, head_dim) for apply_rotary. A quarter
+    of the head dim rotates with the row, a quarter with the col; the half-split layout doubles that to the full dim.
     """
     freq = inv_freq(head_dim // 2, theta).to(hw_positions.device)  # (D/4,)
     angles = hw_positions[..., None].float() * freq  # (N, 2, D/4)
-    angles = angles.flatten(1)  # (N, D/2): [row angles | col angles]
-    emb = torch.cat((angles, angles), dim=-1)
-    return emb.cos(), emb.sin()
+    return _cos_signed_sin(angles.flatten(1), torch.float32)  # (N, D/2): [row angles | col angles]
 
 
 def vision_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:

@@ -57,8 +57,8 @@ def main(out_dir: str, fsdp: bool):
     ids = list(range(4))[rank::world]
     prompts = train.encode_records(processor, [records[i] for i in ids], cfg)
     reward_fn = rewards.resolve_reward("paper")
-    with train.RolloutPolicy(wrapped, net, cfg.fsdp and dist.is_initialized()) as pol:
-        ro, _, rew, _ = train.rollout(pol, processor, prompts, [records[i].labels for i in ids], cfg, 0, ids,
+    with train.RolloutPolicy(wrapped, net, cfg.fsdp and dist.is_initialized()):
+        ro, _, rew, _ = train.rollout(train.Engine(net), processor, prompts, [records[i].labels for i in ids], cfg, 0, ids,
                                       reward_fn, device)
     rew = rew + torch.arange(len(rew)) * 0.1  # distinct rewards: every group has non-zero advantages
     adv = train.grpo.group_advantages(rew, cfg.group_size)

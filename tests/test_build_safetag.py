@@ -8,14 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from chat_server import ChatServer
 from data import build_safetag, sources
 from data.build_safetag import Thresholds, build, decide, pair_key
 from data.judge import OpenAIJudge
@@ -23,7 +22,6 @@ from data.safetag import load_safetag
 from data.sources import Pair
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 TIMEOUT = 1.0          # client timeout in these tests; "sleep" actions outlast it (generous: slow CI machines)
 
 
@@ -38,67 +36,37 @@ def answer(v, vc, t, tc, c, cc) -> str:
                        "combined_score": c, "combined_confidence": cc})
 
 
-class JudgeServer:
-    """An OpenAI-style /v1/chat/completions on 127.0.0.1 (port 0) that answers each instruction by a script.
+class JudgeServer(ChatServer):
+    """The chat server answering each instruction by a script.
 
     script[instruction] is a list of actions, one per request for that instruction (the last one repeats):
     ("reply", text) -> a chat completion; ("status", code) -> that HTTP error; ("sleep", s) -> no answer for
     s seconds; ("raw", bytes) -> a 200 whose body is not a chat completion. Tests use the judge prompt
-    "{instruction}", so the text part of each request is the instruction itself."""
+    "{instruction}", so the text part of each request is the instruction itself; `asked` lists them in order.
+    on_request(n) is called with each request's number before it is answered."""
 
     def __init__(self, script, on_request=None):
-        self.script, self.on_request = script, on_request
-        self.requests, self.bodies, self.headers = [], [], []
-        self.lock = threading.Lock()
-        server = self
+        self.actions, self.on_request, self.asked = script, on_request, []
+        super().__init__(self.reply)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                text = next(p["text"] for p in body["messages"][0]["content"] if p["type"] == "text")
-                with server.lock:
-                    n = server.requests.count(text)
-                    server.requests.append(text)
-                    server.bodies.append(body)
-                    server.headers.append(dict(self.headers))
-                    count = len(server.requests)
-                if server.on_request:
-                    server.on_request(count)
-                actions = server.script.get(text, [("status", 404)])
-                kind, value = actions[min(n, len(actions) - 1)]
-                try:
-                    if kind == "sleep":
-                        time.sleep(value)
-                        kind, value = "reply", answer(9, 9, 9, 9, 9, 9)
-                    if kind == "status":
-                        self.send_response(value)
-                        payload = b'{"error": "scripted"}'
-                    else:
-                        self.send_response(200)
-                        payload = value if kind == "raw" else json.dumps(
-                            {"id": "x", "object": "chat.completion", "choices": [
-                                {"index": 0, "message": {"role": "assistant", "content": value}, "finish_reason": "stop"}]}
-                        ).encode()
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass             # the client gave up (timeout) before we answered
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def reply(self, body, n):
+        text = next(p["text"] for p in body["messages"][0]["content"] if p["type"] == "text")
+        with self.lock:
+            earlier = self.asked.count(text)
+            self.asked.append(text)
+        if self.on_request:
+            self.on_request(n)
+        actions = self.actions.get(text, [("status", 404)])
+        kind, value = actions[min(earlier, len(actions) - 1)]
+        if kind == "sleep":
+            time.sleep(value)
+            kind, value = "reply", answer(9, 9, 9, 9, 9, 9)
+        if kind == "status":
+            return value, {"error": "scripted"}
+        if kind == "raw":
+            return 200, value
+        return 200, {"id": "x", "object": "chat.completion", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": value}, "finish_reason": "stop"}]}
 
 
 @pytest.fixture
@@ -161,8 +129,8 @@ def test_pipeline_rows_and_counts_follow_the_thresholds(tmp_path, serve):
     summary = build(pairs, client(server.url), str(tmp_path), concurrency=4, progress=False)
 
     # requests: one per pair, plus the retries of the 500, the timeout and the three 503s; none for the duplicate
-    assert len(server.requests) == sum(n for *_, n in CASES) == 23
-    assert sorted(set(server.requests)) == sorted(instr for instr, *_ in CASES)
+    assert len(server.asked) == sum(n for *_, n in CASES) == 23
+    assert sorted(set(server.asked)) == sorted(instr for instr, *_ in CASES)
 
     kept = [(k, exp) for k, (_, _, exp, _) in enumerate(CASES) if isinstance(exp, tuple)]
     table = pq.read_table(tmp_path / "train.parquet")
@@ -215,7 +183,7 @@ def test_pipeline_rows_and_counts_follow_the_thresholds(tmp_path, serve):
     # a restart asks again only the pairs that failed; everything judged is reused
     retry = serve({**script(), "p17 always 503": [("reply", answer(1, 9, 9, 9, 1, 9))]})
     summary2 = build(make_pairs(), client(retry.url), str(tmp_path), concurrency=4, progress=False)
-    assert sorted(retry.requests) == ["p17 always 503", "p18 bad request", "p19 not a completion"]
+    assert sorted(retry.asked) == ["p17 always 503", "p18 bad request", "p19 not a completion"]
     assert summary2["accepted"] == 9 and summary2["discarded"]["judge_error"] == 2
     assert summary2["this_run"] == {"asked": 3, "resumed": 16, "requests": 3}
 
@@ -289,14 +257,14 @@ def test_crash_halfway_then_restart_asks_only_the_rest(tmp_path, serve):
     with pytest.raises(Crash):
         build(pairs, CrashingJudge(client(first.url), at=5), str(tmp_path), concurrency=1, progress=False)
     # the worker may already have taken the next queued pair (q05) when the crash stops the run: it finishes it
-    assert first.requests[:4] == ["q00", "q01", "q02", "q03"] and first.requests[4:] in ([], ["q05"])
+    assert first.asked[:4] == ["q00", "q01", "q02", "q03"] and first.asked[4:] in ([], ["q05"])
     journaled = [json.loads(line)["instruction"] for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
-    assert journaled == first.requests                        # every answer received is on disk
+    assert journaled == first.asked                        # every answer received is on disk
     assert not (tmp_path / "train.parquet").exists()           # nothing half-written
     second = serve(all_good)
     summary = build(pairs, client(second.url), str(tmp_path), concurrency=1, progress=False)
     rest = [f"q{k:02d}" for k in range(4, 10) if f"q{k:02d}" not in journaled]
-    assert second.requests == rest
+    assert second.asked == rest
     assert summary["accepted"] == 10
     assert summary["this_run"] == {"asked": len(rest), "resumed": 10 - len(rest), "requests": len(rest)}
 
@@ -308,10 +276,10 @@ def test_crash_with_concurrency_then_restart(tmp_path, serve):
     with pytest.raises(Crash):
         build(pairs, CrashingJudge(client(first.url), at=6), str(tmp_path), concurrency=3, progress=False)
     journaled = {json.loads(line)["instruction"] for line in (tmp_path / "journal.jsonl").read_text().splitlines()}
-    assert journaled == set(first.requests) and 5 <= len(journaled) < 12      # every answer received is on disk
+    assert journaled == set(first.asked) and 5 <= len(journaled) < 12      # every answer received is on disk
     second = serve(all_good)
     build(pairs, client(second.url), str(tmp_path), concurrency=3, progress=False)
-    assert sorted(second.requests) == sorted({p.instruction for p in pairs} - journaled)
+    assert sorted(second.asked) == sorted({p.instruction for p in pairs} - journaled)
     assert len(pq.read_table(tmp_path / "train.parquet")) == 12
 
 
@@ -320,13 +288,13 @@ def test_max_pairs_then_continue_and_a_torn_journal_line(tmp_path, serve, capsys
     all_good = {p.instruction: [("reply", GOOD)] for p in pairs}
     first = serve(all_good)
     summary = build(pairs, client(first.url), str(tmp_path), concurrency=2, max_pairs=3, progress=False)
-    assert len(first.requests) == 3 and summary["accepted"] == 3
+    assert len(first.asked) == 3 and summary["accepted"] == 3
     assert summary["discarded"]["not_asked"] == 4 and summary["complete"] is False
     with open(tmp_path / "journal.jsonl", "a") as f:
         f.write('{"key": "0123')                            # a line torn by a crash mid-write
     second = serve(all_good)
     summary = build(pairs, client(second.url), str(tmp_path), concurrency=2, progress=False)
-    assert sorted(second.requests) == [f"q{k:02d}" for k in range(3, 7)]
+    assert sorted(second.asked) == [f"q{k:02d}" for k in range(3, 7)]
     assert summary["accepted"] == 7 and summary["complete"] is True
     assert "ignored 1 unreadable line" in capsys.readouterr().err
     lines = (tmp_path / "journal.jsonl").read_text().splitlines()
@@ -341,7 +309,7 @@ def test_journal_from_another_judge_is_refused(tmp_path, serve):
     with pytest.raises(ValueError, match="another judge or judge prompt"):
         build(pairs, other, str(tmp_path), progress=False)
     summary = build(pairs, other, str(tmp_path), allow_judge_change=True, progress=False)
-    assert summary["this_run"]["resumed"] == 2 and len(server.requests) == 2
+    assert summary["this_run"]["resumed"] == 2 and len(server.asked) == 2
 
 
 def test_cli_killed_mid_run_then_restarted(tmp_path, serve):
@@ -367,13 +335,13 @@ def test_cli_killed_mid_run_then_restarted(tmp_path, serve):
     proc["p"] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc["p"].communicate(timeout=60)
     assert proc["p"].returncode == -signal.SIGKILL
-    assert server.requests == ["cli0", "cli1", "cli2", "cli3"]
+    assert server.asked == ["cli0", "cli1", "cli2", "cli3"]
     assert len((out / "journal.jsonl").read_text().splitlines()) == 3 and not (out / "train.parquet").exists()
 
     server.on_request = None
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert server.requests[4:] == ["cli3", "cli4", "cli5"]
+    assert server.asked[4:] == ["cli3", "cli4", "cli5"]
     rows = pq.read_table(out / "train.parquet").to_pylist()
     assert [r["prompt"] for r in rows] == [f"<image>cli{k}" for k in range(6)]
     assert [r["images"][0]["path"] for r in rows] == [f"{k}.png" for k in range(6)]
@@ -403,4 +371,4 @@ def test_bad_image_in_pool(tmp_path, serve):
         build(pairs, client(server.url), str(tmp_path), progress=False)
     summary = build(pairs, client(server.url), str(tmp_path), skip_bad_pairs=True, progress=False)
     assert summary["accepted"] == 1 and summary["discarded"]["bad_image"] == 1
-    assert server.requests.count("broken") == 0
+    assert server.asked.count("broken") == 0

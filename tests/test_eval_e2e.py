@@ -5,14 +5,13 @@ report's counts are known in advance; the keyword counts are checked against the
 saved answers (a random model's words cannot be predicted)."""
 import json
 import os
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
 
+import rewards
+from chat_server import ChatServer, completion, prompt_text
 from eval.__main__ import main
-from eval.judges import SAFEGRPO_REFUSAL_KEYWORDS
 
 # Per (scenario, question id): what the scripted judge will say about it.
 PLAN = {("01-Illegal_Activitiy", "1"): "safe", ("01-Illegal_Activitiy", "2"): "unsafe",
@@ -59,36 +58,11 @@ def mmsb(tmp_path):
     return str(qdir), str(imgs)
 
 
-class ScriptedJudge:
-    """OpenAI-compatible endpoint: the verdict is the one planned for the question in the prompt."""
-
-    def __init__(self):
-        self.requests = []
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                owner.requests.append(body)
-                text = body["messages"][0]["content"]
-                planned = text.split("phrase [")[1].split("-")[0]
-                reply = {"safe": "It declines.\nVerdict: safe", "unsafe": "It helps.\nVerdict: unsafe",
-                         "garbage": "Hard to say."}[planned]
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *a):
-                pass
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def planned_verdict(body, n):
+    """The verdict planned for the question in the judge prompt ("... phrase [safe-01-1]")."""
+    planned = prompt_text(body).split("phrase [")[1].split("-")[0]
+    return 200, completion({"safe": "It declines.\nVerdict: safe", "unsafe": "It helps.\nVerdict: unsafe",
+                            "garbage": "Hard to say."}[planned])
 
 
 def find(report, judge, name, group):
@@ -99,12 +73,12 @@ def find(report, judge, name, group):
 def test_tiny_model_to_report(checkpoint, mmsb, tmp_path):
     qdir, imgs = mmsb
     out = str(tmp_path / "eval")
-    server = ScriptedJudge()
+    server = ChatServer(planned_verdict)
     try:
-        args = ["--model", checkpoint, "--benchmark", "mmsafetybench", "--data", qdir, "--image-root", imgs,
+        args = ["--model", checkpoint, "--benchmark", "mmsafetybench", "--data", qdir, "--image_root", imgs,
                 "--kinds", ",".join(KINDS), "--out", out, "--judge", "keyword", "--judge", server.url,
-                "--judge-model", "scripted", "--max-new-tokens", "12", "--batch-size", "3", "--no-progress",
-                "--no-step-guided"]     # short prompts: a tiny random model's replies then differ between them
+                "--judge_model", "scripted", "--max_new_tokens", "12", "--batch_size", "3", "--no_progress",
+                "--no_step_guided"]     # short prompts: a tiny random model's replies then differ between them
         assert main(args) == 0
         with open(os.path.join(out, "outputs.jsonl")) as f:
             rows = [json.loads(line) for line in f]
@@ -115,11 +89,10 @@ def test_tiny_model_to_report(checkpoint, mmsb, tmp_path):
         # the saved text is what a cache-free greedy decode of the same prompt says (the wiring: prompt,
         # image, stop token, decoding)
         import model
-        import sample
+        from oracle import reference_generate
         net, proc = model.load(checkpoint), model.load_processor(checkpoint)
-        with Image.open(rows[0]["meta"]["image_paths"][0]) as im:
-            prompt = proc.encode(rows[0]["user_text"], [im.convert("RGB")])
-        [ref] = sample.reference_generate(net, [prompt], 12, stop_token_ids=proc.stop_token_ids)
+        prompt = proc.encode(rows[0]["user_text"], rows[0]["meta"]["image_paths"])   # the image file, as sample.py
+        [ref] = reference_generate(net, [prompt], 12, stop_token_ids=proc.stop_token_ids)
         assert proc.decode(ref, skip_special_tokens=True) == rows[0]["response"]
         with open(os.path.join(out, "report.json")) as f:
             report = json.load(f)
@@ -136,7 +109,7 @@ def test_tiny_model_to_report(checkpoint, mmsb, tmp_path):
         # keyword judge: the obvious computation on the saved answer spans
         for group in ("01-09", "10-13"):
             mine = [r for r in rows if r["meta"]["group"] == group]
-            refused = sum(any(k in r["answer"].lower() for k in SAFEGRPO_REFUSAL_KEYWORDS) for r in mine)
+            refused = sum(any(k in r["answer"].lower() for k in rewards.REFUSE_KEYWORDS) for r in mine)
             m = find(report, "keyword-safegrpo", "safety_score", group)
             assert (m["k"], m["n"], m["unparsed"]) == (refused, len(mine), 0)
 
@@ -155,7 +128,7 @@ def test_tiny_model_to_report(checkpoint, mmsb, tmp_path):
         words = tmp_path / "common.txt"
         words.write_text("e\nt\n")
         assert main(["--benchmark", "mmsafetybench", "--out", out, "--judge", "keyword", "--keywords", str(words),
-                     "--judge-on", "full", "--no-progress"]) == 0
+                     "--judge_on", "full", "--no_progress"]) == 0
         with open(os.path.join(out, "report.json")) as f:
             again = json.load(f)
         for group in ("01-09", "10-13"):

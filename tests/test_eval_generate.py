@@ -1,4 +1,4 @@
-"""eval/generate.py: think/answer splitting, crash-safe JSONL, and the generation loop (batching, stop tokens,
+"""eval/generate.py: think/answer splitting and the generation loop (batching, stop tokens,
 resume after a crash, settings guard) driven by a scripted stand-in for sample.generate. The real sampler
 runs in tests/test_eval_e2e.py."""
 import json
@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from data.files import read_jsonl
 from data.record import Record
 from eval.benchmarks import RecordList
-from eval.generate import (GenerationConfig, append_jsonl, generate_outputs, read_jsonl, record_seed,
-                           split_response)
+from eval.generate import GenerationConfig, generate_outputs, record_seed, split_response
 
 
 @pytest.mark.parametrize("text,opened,expected", [
@@ -30,20 +30,6 @@ from eval.generate import (GenerationConfig, append_jsonl, generate_outputs, rea
 ])
 def test_split_response(text, opened, expected):
     assert split_response(text, opened) == expected
-
-
-def test_jsonl_survives_a_torn_last_line(tmp_path):
-    path = str(tmp_path / "o.jsonl")
-    append_jsonl(path, [{"id": "a"}, {"id": "b"}])
-    with open(path, "a") as f:
-        f.write('{"id": "c", "resp')               # a crash in the middle of a write
-    assert [r["id"] for r in read_jsonl(path)] == ["a", "b"]
-    append_jsonl(path, [{"id": "c"}])              # the torn line was cut, so this lands on its own line
-    assert [r["id"] for r in read_jsonl(path)] == ["a", "b", "c"]
-    with open(path, "w") as f:
-        f.write('{"id": "a"}\nnot json\n{"id": "b"}\n')
-    with pytest.raises(ValueError, match="line 2: not valid JSON"):
-        read_jsonl(path)
 
 
 # ----------------------------------------------------------------------------------------------- the loop, scripted
@@ -129,7 +115,7 @@ def test_generate_outputs_resumes_and_guards_settings(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setitem(sys.modules, "sample", scripted_sampler(calls, fail_on_call=2))
     path = str(tmp_path / "outputs.jsonl")
-    config = GenerationConfig(max_new_tokens=64, temperature=0.7, num_samples=2, step_guided=False)
+    config = GenerationConfig(max_new_tokens=64, temperature=0.7, group_size=2, step_guided=False)
     with pytest.raises(RuntimeError, match="simulated crash"):
         generate_outputs(lambda: (None, CharProcessor()), records(5), path, config, "figstep", batch_size=2, progress=False)
     assert [(r["id"], r["sample"]) for r in read_jsonl(path)] == [("r0", 0), ("r0", 1), ("r1", 0), ("r1", 1)]
@@ -149,11 +135,11 @@ def test_generate_outputs_resumes_and_guards_settings(tmp_path, monkeypatch):
     assert generate_outputs(no_model, records(5), path, config, "figstep", progress=False) == rows
     with pytest.raises(ValueError, match="other settings .max_new_tokens differ"):
         generate_outputs(lambda: (None, CharProcessor()), records(5), path, GenerationConfig(max_new_tokens=8, temperature=0.7,
-                         num_samples=2, step_guided=False), "figstep", batch_size=2, progress=False)
+                         group_size=2, step_guided=False), "figstep", batch_size=2, progress=False)
 
 
 def test_generation_config_rejects_nonsense():
     with pytest.raises(ValueError, match="identical samples"):
-        GenerationConfig(num_samples=4)
+        GenerationConfig(group_size=4)
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         GenerationConfig(temperature=-1)

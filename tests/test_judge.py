@@ -42,8 +42,8 @@ def test_request_carries_prompt_image_and_api_key(tmp_path, serve, monkeypatch):
     image = png((1, 2, 3))
     with pytest.raises(JudgeError, match="HTTP 404"):
         judge(instruction, image)
-    body, headers = server.bodies[0], server.headers[0]
-    assert headers["Authorization"] == "Bearer sekret"
+    body = server.requests[0]["body"]
+    assert server.requests[0]["auth"] == "Bearer sekret"
     assert body["model"] == "jm" and body["temperature"] == 0.0 and "max_tokens" not in body
     parts = body["messages"][0]["content"]
     assert parts[0]["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(image).decode()
@@ -71,7 +71,8 @@ def test_retries_on_429_and_connection_errors_not_on_4xx(serve):
 
 
 def test_local_model_judge_follows_the_sample_contract(monkeypatch):
-    """model.load / model.load_processor / sample.generate as CONTRACTS.md describes them, faked."""
+    """model.load, model.load_processor (Processor.encode takes image bytes) and sample.generate (a rollout with
+    response_ids and response_mask), faked with the signatures the real ones have."""
     import types
 
     import torch
@@ -96,7 +97,8 @@ def test_local_model_judge_follows_the_sample_contract(monkeypatch):
     monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(load=lambda p, device: "M", load_processor=lambda p: Processor()))
     monkeypatch.setitem(sys.modules, "sample", types.SimpleNamespace(generate=generate))
     judge = judge_mod.LocalModelJudge("/ckpt", prompt="Judge: {instruction}")
-    reply = judge("q?", png((1, 1, 1)))
+    image = png((1, 1, 1))
+    reply = judge("q?", image)
     assert parse_judgement(reply.text)["visual_score"] == 9
-    assert calls["text"] == "Judge: q?" and calls["images"][0].size == (8, 8)
+    assert calls["text"] == "Judge: q?" and calls["images"] == [image]   # the processor decodes the bytes
     assert calls["generate"] == {"group_size": 1, "temperature": 0.0, "n": 1}

@@ -122,8 +122,11 @@ def test_mrope_cos_sin_match_hf(models):
     position_ids = torch.randint(0, 50, (3, 2, 7), generator=torch.Generator().manual_seed(13))
     x = torch.zeros(1, dtype=torch.float32)
     want_cos, want_sin = hf.model.language_model.rotary_emb(x, position_ids)
-    cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section, torch.float32, interleaved=False)
-    assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+    cos, signed_sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section, torch.float32,
+                                    interleaved=False)
+    half = t.head_dim // 2  # ours carries rotate_half's sign in the sine: (-sin, sin) over the two halves
+    assert torch.equal(cos, want_cos)
+    assert torch.equal(signed_sin, torch.cat((-want_sin[..., :half], want_sin[..., half:]), dim=-1))
 
 
 # ---- config.json and checkpoints ----

@@ -11,7 +11,7 @@ import sample
 import train
 from config import Config
 from model.prefix import GroupedForward, grouped_logits
-from tests.test_sample import STOP, build_tiny, make_prompts
+from conftest import STOP, build_tiny, make_prompts  # noqa: E402  (the tiny_vlm kit's plain functions)
 
 
 def rollouts(net, prompts, G=3, n=10, seed=4):

@@ -210,7 +210,8 @@ def test_resolve_reward(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "my_reward_mod")
 
 
-# --- parity with the released regexes (our own transcription of PAPER.md section 3: the slow, obvious oracle) ---
+# --- parity with the released regexes (our transcription of the released reward file, docs/method.md#the-reward:
+# the slow, obvious oracle) ---
 def reference_paper(response, labels):
     """(reward, format, preds, answer) computed with the released regexes; fine on short strings only."""
     fmt = int(re.fullmatch(PAPER_FORMAT_PATTERN, response.strip(), re.DOTALL | re.IGNORECASE) is not None)

@@ -15,7 +15,14 @@ from PIL import Image
 
 from data import sources
 from data.sources import Pair
-from tests.test_build_safetag import SHARED, png
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")     # real benchmark rows
+
+
+def png(color, size=(8, 8)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def test_pool_jsonl(tmp_path):
@@ -57,10 +64,9 @@ def test_vlguard_format(tmp_path):
 
 
 def test_vlguard_real_file_layout(tmp_path):
-    path = os.path.join(SHARED, "benchmarks", "vlguard", "test_subset.json")
-    if not os.path.exists(path):
-        pytest.skip("../shared/benchmarks is not here")
-    items = json.load(open(path))
+    path = os.path.join(DATA, "vlguard", "test_subset.json")
+    with open(path) as f:
+        items = json.load(f)
     for item in items:          # the images are not in git: stand-ins at the listed paths
         (tmp_path / item["image"]).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / item["image"]).write_bytes(png((5, 5, 5)))
