@@ -1,75 +1,100 @@
 """The training configuration: one dataclass, `--key=value` overrides, the toy preset.
 
-Defaults are the paper's hyperparameters (../shared/PAPER.md section 5, Qwen3-VL-8B on 4x A100 with
-verl); `python train.py` with no arguments applies TOY_PRESET on top, for the built-in toy world.
+Defaults are the paper's setting (docs/method.md#training-setup: Qwen3-VL-8B-Thinking, verl's GRPO on 4x A100);
+`python train.py` with no arguments applies TOY_PRESET on top, for the built-in toy world. The comment on each
+field is its `python train.py --help` text; the `# ----` lines are the help's groups.
 """
 import dataclasses
+import inspect
 import json
+import re
 import sys
 from dataclasses import dataclass, fields
 
 
 @dataclass
 class Config:
-    # ---- what to train on
-    model: str = "toy"                 # local Hugging Face checkpoint dir, or "toy" (built-in toy world)
+    # ---- model and data
+    model: str = "toy"                 # local Hugging Face checkpoint dir, or "toy" (the built-in toy world)
     data: str = "toy"                  # SafeTag-VL-3K parquet / JSONL / datasets dir, or "toy"
     train_split: str = "train"         # split names inside `data`
     eval_split: str = "test"
     image_root: str = ""               # folder for relative image paths in a JSONL dataset
     prompt_file: str = ""              # step-guided instruction override (empty: data/prompt.py's wording)
-    step_guided: bool = True           # append the step-guided instruction to every question (PAPER §2)
-    out_dir: str = "runs/safegrpo"     # checkpoints, metrics.jsonl, curves.png, summary.json
+    step_guided: bool = True           # append the step-guided instruction to every question
+    max_prompt_len: int = 2048         # longer prompts are dropped when the data is loaded (counted, reported)
+    drop_last: bool = True             # an epoch is only whole steps (verl); false: wrap into the next epoch
     seed: int = 0                      # one seed for data order, sampling and initialisation
-    # ---- GRPO schedule (PAPER §5)
-    epochs: int = 15                   # passes over the training prompts
-    max_steps: int = 0                 # stop after this many steps (0: run all epochs)
+    # ---- rollout
     prompts_per_step: int = 256        # prompts per rollout step, global over ranks
     group_size: int = 8                # G rollouts per prompt
+    temperature: float = 1.0           # rollout temperature (the training forward divides by it too)
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 4096         # response budget per rollout
+    rollout_kv_gb: float = 0.0         # KV-cache budget of the rollout engine per GPU; prompts beyond it wait for free
+                                       # slots (0: a third of the free GPU memory less optimizer state; no limit on CPU)
+    dynamic_sampling: bool = False     # DAPO: keep only groups whose rewards differ, drawing more prompts to fill the step
+    max_draws: int = 4                 # dynamic sampling: rollouts of prompts_per_step prompts per step at most
+    # ---- reward and advantages
+    reward: str = "paper"              # paper | strict | module:function (see rewards.resolve_reward)
+    adv_estimator: str = "grpo"        # grpo: r - group mean | rloo: r - mean of the other G-1 rewards
+    adv_scale: str = "group"           # group: / (group std + eps) | batch: / batch std | none (Dr. GRPO)
+    overlong_buffer: int = 0           # DAPO: penalise responses in the last N tokens of max_new_tokens (0: off)
+    overlong_penalty: float = 1.0      # DAPO: the penalty at max_new_tokens, reached linearly over the buffer
+    kl_in_reward: bool = False         # KL to the reference as a per-token reward penalty (verl) instead of a loss term
+    kl_target: float = 0.0             # KL in the reward: adaptive controller's target (0: fixed coefficient kl_coef)
+    kl_horizon: int = 10000            # KL in the reward: adaptive controller's horizon, in samples
+    # ---- loss (grpo.py)
+    clip_low: float = 0.2              # PPO clip: ratio >= 1 - clip_low for negative advantages
+    clip_high: float = 0.2             # PPO clip: ratio <= 1 + clip_high for positive advantages (DAPO: 0.28)
+    dual_clip: float = 3.0             # dual-clip constant c (> 1) for negative advantages (verl's 3.0); 0: off
+    ratio_level: str = "token"         # token: PPO/GRPO | sequence: GSPO's length-normalised sequence ratio
+    tis_cap: float = 0.0               # truncated importance sampling: weight min(exp(old - sampler), cap) (0: off)
+    old_logprobs: str = "auto"         # behaviour log-probs: sampler | recompute (training forward) | auto:
+                                       # recompute when the policy runs in bf16, sampler in fp32 (exact there)
+    kl_coef: float = 0.01              # weight of KL(policy || frozen reference); 0: no reference model
+    kl_kind: str = "k3"                # k1 | k2 | k3 (low_var_kl) | abs
+    entropy_coef: float = 0.0          # entropy bonus weight (paper: 0)
+    loss_agg: str = "token-mean"       # token-mean (global) | token-mean-micro (the paper's verl) |
+                                       # seq-mean-token-mean | seq-mean-token-sum-norm
+    mask_truncated: bool = False       # DAPO: responses cut at max_new_tokens leave the loss
+    # ---- optimization
+    epochs: int = 15                   # passes over the training prompts
+    max_steps: int = 0                 # stop after this many steps (0: run all epochs)
     mini_batch_prompts: int = 64       # prompts per optimizer update (256/64 = 4 updates per step)
     micro_batch_size: int = 16         # sequences per forward/backward on one rank (gradient accumulation)
     ppo_epochs: int = 1                # mu: passes over each step's rollouts
-    # ---- optimizer
     lr: float = 1e-6                   # AdamW learning rate
     weight_decay: float = 0.01         # AdamW weight decay (verl's default)
     warmup_steps: int = 0              # linear warmup, in optimizer updates
     lr_schedule: str = "constant"      # constant | cosine (after warmup)
     grad_clip: float = 1.0             # max global grad norm
-    # ---- loss (grpo.py)
-    clip_low: float = 0.2              # PPO clip: ratio >= 1 - clip_low for negative advantages
-    clip_high: float = 0.2             # PPO clip: ratio <= 1 + clip_high for positive advantages
-    dual_clip: float = 3.0             # dual-clip constant c (> 1) for negative advantages (verl's default 3.0); 0: off
-    kl_coef: float = 0.01              # weight of KL(policy || frozen reference) in the loss; 0: no reference model
-    kl_kind: str = "k3"                # k1 | k2 | k3 (low_var_kl) | abs
-    entropy_coef: float = 0.0          # entropy bonus weight (paper: 0)
-    loss_agg: str = "token-mean"       # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
-    adv_scale: str = "group"           # group: (r - mean) / (std + eps); none: r - mean (Dr. GRPO)
-    reward: str = "paper"              # paper | strict | module:function (see rewards.resolve_reward)
-    # ---- sampling
-    temperature: float = 1.0           # rollout temperature (the training forward divides by it too)
-    top_p: float = 1.0
-    top_k: int = 0
-    max_prompt_len: int = 2048         # longer prompts are an error, not silently cut
-    max_new_tokens: int = 4096         # response budget per rollout
-    rollout_kv_gb: float = 0.0         # KV-cache budget of the rollout engine per GPU; prompts beyond it wait for free
-                                       # slots (0: a third of the free GPU memory less optimizer state; no limit on CPU)
+    max_nonfinite: int = 3             # stop after this many skipped (non-finite) updates
+    # ---- LoRA and frozen parts
+    lora_rank: int = 0                 # low-rank adapters of this rank on the decoder's linear layers (0: full fine-tune)
+    lora_alpha: float = 16.0           # adapter scale alpha / rank
+    lora_targets: str = "q,k,v,o,gate,up,down"  # projections that get adapters
+    lora_init: str = ""                # start from saved adapters (an adapter directory)
+    freeze_vision: bool = False        # the vision tower and its mergers get no gradient and no optimizer state
+    dry_run_memory: bool = False       # print the planned memory per GPU for these options and exit
+    # ---- parallelism and precision
+    device: str = "auto"               # auto | cpu | cuda
+    dtype: str = "auto"                # auto (fp32 on CPU, bf16 autocast on GPU) | fp32 | bf16
+    fsdp: bool = False                 # FSDP2 fully_shard per decoder block instead of DDP
+    activation_checkpointing: bool = False  # recompute decoder blocks in backward
+    shared_prefix: bool = True         # training forward runs each prompt (and image) once per group, not G times
+    threads: int = 0                   # torch CPU threads per process (0: leave torch's default)
     # ---- evaluation, checkpoints, logging
+    out_dir: str = "runs/safegrpo"     # checkpoints, final/ (the trained model), metrics.jsonl, curves.png
     eval_every: int = 10               # held-out greedy evaluation every N steps (0: only before/after)
     eval_size: int = 0                 # held-out prompts to evaluate (0: all)
     eval_batch_size: int = 32          # prompts per greedy generation batch
     save_every: int = 10               # checkpoint every N steps (and at the end)
     keep_last: int = 2                 # checkpoints kept on disk
     resume: bool = False               # continue from the latest checkpoint in out_dir
-    wandb: bool = False                # log to Weights & Biases (lazy import)
+    wandb: bool = False                # log to Weights & Biases (imported only when on)
     wandb_project: str = "safegrpo"
-    # ---- systems
-    device: str = "auto"               # auto | cpu | cuda
-    dtype: str = "auto"                # auto (fp32 on CPU, bf16 autocast on GPU) | fp32 | bf16
-    fsdp: bool = False                 # FSDP2 fully_shard per decoder block instead of DDP
-    activation_checkpointing: bool = False
-    shared_prefix: bool = True         # training forward runs each prompt (and image) once per group, not G times
-    max_nonfinite: int = 3             # stop after this many skipped (non-finite) updates
-    threads: int = 0                   # torch CPU threads per process (0: leave torch's default)
     # ---- toy world (used when model == "toy")
     toy_train_size: int = 0            # training prompts drawn from the toy world
     toy_eval_size: int = 0             # held-out prompts
@@ -79,29 +104,47 @@ class Config:
 
     def __post_init__(self):
         if self.prompts_per_step % self.mini_batch_prompts:
-            raise ValueError(f"prompts_per_step={self.prompts_per_step} is not a multiple of "
-                             f"mini_batch_prompts={self.mini_batch_prompts}")
-        if self.group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
-        if self.rollout_kv_gb < 0:
-            raise ValueError(f"--rollout_kv_gb={self.rollout_kv_gb} must be >= 0 (0: automatic)")
-        for name in ("loss_agg", "adv_scale", "kl_kind", "lr_schedule", "dtype", "device"):
-            allowed = CHOICES[name]
+            raise ValueError(f"--prompts_per_step={self.prompts_per_step} is not a multiple of "
+                             f"--mini_batch_prompts={self.mini_batch_prompts}")
+        for name in ("group_size", "prompts_per_step", "mini_batch_prompts", "micro_batch_size", "ppo_epochs",
+                     "max_new_tokens", "max_prompt_len", "max_draws"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("rollout_kv_gb", "tis_cap", "overlong_buffer", "kl_target", "lora_rank", "entropy_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
+        if self.overlong_buffer >= self.max_new_tokens:
+            raise ValueError(f"--overlong_buffer={self.overlong_buffer} must be below "
+                             f"--max_new_tokens={self.max_new_tokens}")
+        if self.tis_cap and self.tis_cap < 1:
+            raise ValueError(f"--tis_cap={self.tis_cap} must be >= 1 (it caps a weight that is 1 when nothing is off)")
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name}={getattr(self, name)!r} is not one of {allowed}")
+        targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        if self.lora_rank and (not targets or set(targets) - set(LORA_TARGETS)):
+            raise ValueError(f"--lora_targets={self.lora_targets!r}: expected a comma-separated subset of "
+                             f"{','.join(LORA_TARGETS)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+        return json.dumps(self.to_dict(), indent=2)
 
 
 CHOICES = {
-    "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-    "adv_scale": ("group", "none"),
+    "adv_estimator": ("grpo", "rloo"),
+    "adv_scale": ("group", "batch", "none"),
+    "ratio_level": ("token", "sequence"),
+    "old_logprobs": ("auto", "sampler", "recompute"),
+    "loss_agg": ("token-mean", "token-mean-micro", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
     "kl_kind": ("k1", "k2", "k3", "abs"),
     "lr_schedule": ("constant", "cosine"),
     "dtype": ("auto", "fp32", "bf16"),
     "device": ("auto", "cpu", "cuda"),
 }
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 # The toy world trains a ~1M-parameter VLM on CPU in minutes: far higher lr, small batches, short responses.
 TOY_PRESET = dict(
@@ -137,9 +180,9 @@ def parse_config(argv: list[str] | None = None) -> Config:
         if not arg.startswith("--"):
             raise ValueError(f"unexpected argument {arg!r}: use --key=value (see `python train.py --help`)")
         key, eq, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
         if key not in by_name:
-            raise ValueError(f"unknown option --{key}; known options: {', '.join(sorted(by_name))}")
+            hint = f" (options use underscores: --{key.replace('-', '_')})" if key.replace("-", "_") in by_name else ""
+            raise ValueError(f"unknown option --{key}{hint}; see `python train.py --help`")
         if not eq:
             if by_name[key].type is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
                 value = "true"
@@ -157,7 +200,19 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 
 def help_text() -> str:
-    lines = ["usage: python train.py [--key=value ...]   (torchrun --nproc_per_node=N train.py ... for N processes)", ""]
-    for f in fields(Config):
-        lines.append(f"  --{f.name}={f.default!r}")
+    """Every option with its default and its comment, grouped as in the Config source."""
+    lines = ["usage: python train.py [--key=value ...]   (torchrun --nproc_per_node=N train.py ... for N processes)",
+             "With no --model, the toy world's preset applies (explicit options win)."]
+    defaults = {f.name: f.default for f in fields(Config)}
+    for line in inspect.getsource(Config).splitlines():
+        group = re.match(r"\s*# ---- (.*)", line)
+        field = re.match(r"\s*(\w+): \w+ = [^#]*?(?:#\s*(.*))?$", line)
+        more = re.match(r"\s+# (.*)", line)
+        if group:
+            lines += ["", group.group(1) + ":"]
+        elif field and field.group(1) in defaults:
+            name = field.group(1)
+            lines.append(f"  --{name}={defaults[name]!r}".ljust(34) + (field.group(2) or ""))
+        elif more and not line.strip().startswith("# ----") and len(lines) > 2:
+            lines.append(" " * 34 + more.group(1))
     return "\n".join(lines)

@@ -3,6 +3,7 @@ wrapped for data parallelism (DDP, or FSDP2 `fully_shard` per decoder block), th
 parameters for rollouts, and full state dicts for checkpoints (gathered on every rank, written by rank 0).
 """
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -29,12 +30,15 @@ def init_distributed(cfg: Config):
     return rank, world, device
 
 
-def all_reduce_sum(values: list[float], device) -> list[float]:
+def all_reduce_sum(values, device):
+    """Sums over ranks of a list of floats, or of a dict of named floats (same keys on every rank)."""
     if not (dist.is_available() and dist.is_initialized()):
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    named = isinstance(values, dict)
+    keys = sorted(values) if named else None
+    t = torch.tensor([values[k] for k in keys] if named else values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return t.tolist()
+    return dict(zip(keys, t.tolist())) if named else t.tolist()
 
 
 def all_gather_objects(obj):
@@ -50,26 +54,76 @@ def barrier():
         dist.barrier()
 
 
+def shutdown():
+    """The end of a run: wait for every rank, then leave the process group (torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def uses_fsdp(cfg: Config) -> bool:
+    """FSDP2 is applied only under torchrun (a process group); a plain `python train.py --fsdp=true` runs unsharded."""
+    return cfg.fsdp and dist.is_available() and dist.is_initialized()
+
+
+# ----------------------------------------------------------------------------- precision and memory
+
+def autocast_ctx(cfg: Config, device):
+    """The training forward's precision: bf16 autocast over fp32 master weights on a GPU (or on a CPU with
+    --dtype=bf16); the rollout engine runs under the same, so that both round alike."""
+    if device.type == "cuda" and cfg.dtype in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and cfg.dtype == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def rollout_kv_budget(cfg: Config, net, device) -> int | None:
+    """--rollout_kv_gb in bytes; 0 = on CUDA a third of the memory that is free now less what the optimizer will
+    take at its first step (fp32 gradients and AdamW's two moments), on CPU no limit."""
+    if cfg.rollout_kv_gb > 0:
+        return int(cfg.rollout_kv_gb * 2 ** 30)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    params = sum(p.numel() for p in net.parameters() if p.requires_grad)  # this rank's shard under FSDP2
+    return max(int((free - 12 * params) / 3), 1 << 30)
+
+
 # ----------------------------------------------------------------------------- models
 
-def decoder_blocks(module) -> list:
-    """The text decoder's blocks (the unit FSDP shards and activation checkpointing wraps)."""
-    return list(module.decoder_blocks())
+def uses_lora(cfg: Config) -> bool:
+    return cfg.lora_rank > 0 or bool(cfg.lora_init)
 
 
-def build_policy(path: str, cfg: Config, device, world: int):
-    """fp32 master weights; bf16 compute comes from autocast (DDP) or FSDP2's mixed precision policy."""
+def build_policy(init_path: str, cfg: Config, device, world: int, resume_dir: str | None = None):
+    """(the policy as the trainer calls it: DDP or FSDP2 around the model, the model itself).
+
+    Full fine-tune: the initial (or resumed) weights as fp32 master weights; bf16 compute comes from autocast (DDP)
+    or FSDP2's mixed-precision policy. LoRA (--lora_rank / --lora_init, model/lora.py): the initial model frozen (bf16
+    on a GPU without FSDP2: it never gets gradients) with fp32 adapters, fresh or loaded (a resume's own adapters
+    first). --freeze_vision: the vision tower and its mergers get no gradient and no optimizer state."""
     import model as vlm
-    net = vlm.load(path, device=device, dtype=torch.float32)
+    from model.lora import add_lora, freeze_vision, load_adapters
+    lora = uses_lora(cfg)
+    base_bf16 = lora and device.type == "cuda" and cfg.dtype != "fp32" and not uses_fsdp(cfg)
+    net = vlm.load(resume_dir if resume_dir and not lora else init_path, device=device,
+                   dtype=torch.bfloat16 if base_bf16 else torch.float32)
+    if lora and (resume_dir or cfg.lora_init):
+        load_adapters(net, resume_dir or cfg.lora_init)
+    elif lora:
+        add_lora(net, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, seed=cfg.seed)
+    if cfg.freeze_vision:
+        freeze_vision(net)
     if cfg.activation_checkpointing:
         from torch.distributed._composable import checkpoint
-        for block in decoder_blocks(net):
+        for block in net.decoder_blocks():
             checkpoint(block)
-    if cfg.fsdp and dist.is_initialized():
+    if uses_fsdp(cfg):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if device.type == "cuda" and cfg.dtype != "fp32" else MixedPrecisionPolicy()
-        for block in decoder_blocks(net):
+        for block in net.decoder_blocks():
             fully_shard(block, mp_policy=mp)
         fully_shard(net, mp_policy=mp)
         return net, net
@@ -82,13 +136,30 @@ def build_policy(path: str, cfg: Config, device, world: int):
     return net, net
 
 
-def build_reference(path: str, cfg: Config, device):
-    """The frozen reference policy for the KL term (bf16 weights on GPU: it never gets gradients)."""
+class Reference:
+    """The frozen reference policy of the KL term: a second model (bf16 weights on a GPU: it never gets
+    gradients), or with LoRA the policy itself with its adapters switched off, no second copy of the weights.
+    Use its log-probs as `with ref.active(): logprobs.micro_logprobs(ref.model, ...)`."""
+
+    def __init__(self, model, adapters_of=None):
+        self.model, self.adapters_of = model, adapters_of
+
+    def active(self):
+        from model.lora import adapters_disabled
+        return nullcontext() if self.adapters_of is None else adapters_disabled(self.adapters_of)
+
+
+def build_reference(init_path: str, cfg: Config, device, net) -> Reference | None:
+    """None without a KL term (kl_coef 0)."""
+    if cfg.kl_coef <= 0:
+        return None
+    if uses_lora(cfg):
+        return Reference(net, adapters_of=net)
     import model as vlm
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.dtype != "fp32" else torch.float32
-    ref = vlm.load(path, device=device, dtype=dtype)
+    ref = vlm.load(init_path, device=device, dtype=dtype)
     ref.requires_grad_(False)
-    return ref.eval()
+    return Reference(ref.eval())
 
 
 class RolloutPolicy:
@@ -122,22 +193,37 @@ class RolloutPolicy:
         self.net.train()
 
 
-def full_states(wrapped, net, optimizer, cfg: Config):
-    """(a function writing the policy in HF layout, the optimizer state) for a checkpoint.
+def full_states(wrapped, net, optimizer, cfg: Config, extras_from: str, optimizer_state: bool = True,
+                final: bool = False):
+    """(a function writing the policy to a directory, the optimizer state or None).
 
-    Under FSDP2 both are gathered to full CPU tensors (optimizer state keyed by parameter name): a collective that
-    every rank must enter, although only rank 0 writes."""
+    The policy of a checkpoint is a complete Hugging Face model directory (weights with the tokenizer, chat template
+    and processor settings of extras_from, the initial model), or with LoRA the adapters alone (small; resumed on
+    the initial model). final: always a complete model directory, with LoRA the base and adapters merged. Under
+    FSDP2 the weights (and the optimizer state, keyed by parameter name) are gathered to full CPU tensors: a
+    collective that every rank must enter, although only rank 0 writes."""
     import model as vlm
-    if cfg.fsdp and dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-        model_sd, optim_sd = get_state_dict(wrapped, optimizer,
-                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return (lambda path: vlm.save(net, path, state_dict=model_sd)), optim_sd
-    return (lambda path: vlm.save(net, path)), optimizer.state_dict()
+    from model.lora import save_adapters, save_merged
+    model_sd, optim_sd = None, None
+    if uses_fsdp(cfg):
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_state_dict)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        if optimizer_state:
+            model_sd, optim_sd = get_state_dict(wrapped, optimizer, options=options)
+        else:
+            model_sd = get_model_state_dict(wrapped, options=options)
+    elif optimizer_state:
+        optim_sd = optimizer.state_dict()
+    if not uses_lora(cfg):
+        return (lambda path: vlm.save(net, path, state_dict=model_sd, extras_from=extras_from)), optim_sd
+    if final:
+        return (lambda path: save_merged(net, path, state_dict=model_sd, extras_from=extras_from)), optim_sd
+    return (lambda path: save_adapters(net, path, state_dict=model_sd, base_model=extras_from)), optim_sd
 
 
 def load_optimizer_state(wrapped, optimizer, state: dict, cfg: Config) -> None:
-    if cfg.fsdp and dist.is_initialized():  # rank 0 holds the full, name-keyed state; each rank keeps its shard
+    if uses_fsdp(cfg):  # rank 0 holds the full, name-keyed state; each rank keeps its shard
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(wrapped, optimizer, state,
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

@@ -1,8 +1,8 @@
-"""SafeGRPO training: rollouts -> rule rewards -> group advantages -> clipped policy loss with KL.
+"""SafeGRPO training: rollouts -> rule rewards -> group advantages -> clipped policy loss with KL to a reference.
 
     python train.py                        # the built-in toy world, end to end on CPU in minutes
     torchrun --nproc_per_node=8 train.py --model=/ckpt/Qwen3-VL-8B-Thinking --data=/data/safetag.parquet
-Options: `python train.py --help` (every field of config.Config).
+Options: `python train.py --help` (config.py). The method: docs/method.md. The trained model: <out_dir>/final/.
 """
 import math
 import os
@@ -11,325 +11,238 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 
 import grpo
+import memory_plan
 import rewards
+import safety_metrics
 import trainstate
-from engine import Engine, hash64, left_pad
 from config import Config, help_text, parse_config
-from model.prefix import GroupedForward, grouped_logits
-from parallel import (RolloutPolicy, all_gather_objects, all_reduce_sum, barrier, build_policy, build_reference,  # noqa: F401
-                      check_finite, decoder_blocks, full_states, init_distributed, load_optimizer_state)
-from trainlog import MetricsLog, plot_curves
+from data.stream import drop_overlong, encode, epoch_length, load_split, stream_ids
+from data.warmstart import prepare_toy_model
+from engine import Engine, Rollout, hash64
+from logprobs import all_logprobs, micro_logprobs
+from parallel import (RolloutPolicy, all_gather_objects, all_reduce_sum, autocast_ctx, barrier, build_policy,
+                      build_reference, check_finite, full_states, init_distributed, load_optimizer_state,
+                      rollout_kv_budget, shutdown, uses_fsdp)
+from trainlog import MetricsLog, StatSums, plot_curves
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- rollouts
 
-def load_split(cfg: Config, split: str):
-    """Records of one split: the toy world, or a SafeTag-format dataset on disk."""
-    if cfg.data == "toy":
-        from data import toy
-        n = cfg.toy_train_size if split == cfg.train_split else cfg.toy_eval_size
-        return toy.records(split, n, cfg.seed)
-    from data.safetag import load_safetag
-    return load_safetag(cfg.data, split=split, image_root=cfg.image_root or None)
-
-
-def encode_records(processor, records, cfg: Config) -> list[dict]:
-    """Chat-render and tokenize each record once; a prompt over max_prompt_len is an error, never cut."""
-    from data.prompt import build_prompt
-    encoded = []
-    for rec in records:
-        text = build_prompt(rec.prompt, cfg.prompt_file or None) if cfg.step_guided else rec.prompt
-        enc = processor.encode(text, rec.images)
-        if enc["input_ids"].numel() > cfg.max_prompt_len:
-            raise ValueError(f"record {rec.id}: prompt is {enc['input_ids'].numel()} tokens, "
-                             f"over --max_prompt_len={cfg.max_prompt_len}")
-        encoded.append(enc)
-    return encoded
-
-
-def step_prompt_ids(step: int, n_records: int, cfg: Config) -> list[int]:
-    """The global prompt indices of a step: epoch-wise seeded permutations, read as one stream.
-
-    Depends only on (seed, step), so every rank, and a resumed run, sees the same order."""
-    ids = []
-    for k in range(step * cfg.prompts_per_step, (step + 1) * cfg.prompts_per_step):
-        epoch, pos = divmod(k, n_records)
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        ids.append(int(torch.randperm(n_records, generator=g)[pos]))
-    return ids
-
-
-# ----------------------------------------------------------------------------- batches and log-probs
-
-def collate(prompts: list[dict], response_ids: torch.Tensor, response_mask: torch.Tensor, pad_id: int, device,
-            rope_index, image_token_id: int):
-    """[left-padded prompt | right-padded response] rows; the response occupies the last R columns.
-
-    prompts[i] is row i's Processor.encode output; response_* are (b, R). Positions and image slots come
-    from the prompt alone and response positions continue as text, exactly as the sampler decoded them:
-    a sampled <|image_pad|> id in a response is text, not a request for image features."""
-    b, R = response_ids.shape
-    prompt_ids, prompt_mask, pix, grid = left_pad(prompts, pad_id, "cpu")  # (b, P), the sampler's own padding
-    input_ids = torch.cat([prompt_ids, torch.where(response_mask.bool(), response_ids,
-                                                   torch.full_like(response_ids, pad_id))], dim=1)
-    attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
-    prompt_real = prompt_mask.bool()
-    prompt_pos, _ = rope_index(prompt_ids, grid, prompt_real)  # (3, b, P)
-    next_pos = prompt_pos.masked_fill(~prompt_real[None], -1).amax(dim=(0, 2)) + 1  # (b,)
-    response_pos = (next_pos[:, None] + torch.arange(R))[None].expand(3, b, R)
-    image_mask = torch.cat([(prompt_ids == image_token_id) & prompt_real, torch.zeros((b, R), dtype=torch.bool)],
-                           dim=1)
-    return dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                position_ids=torch.cat([prompt_pos, response_pos], dim=2).to(device),
-                image_mask=image_mask.to(device), pixel_values=None if pix is None else pix.to(device),
-                image_grid_thw=None if grid is None else grid.to(device))
-
-
-def response_logprobs(model, batch: dict, response_ids: torch.Tensor, temperature: float):
-    """Log-probs of the response tokens under `model` (b, R), and the logits they came from."""
-    R = response_ids.shape[1]
-    # logits at column t predict token t+1: the R response tokens are predicted by the R columns before them
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                   pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                   image_mask=batch["image_mask"], logits_to_keep=R + 1)[:, :-1]
-    return grpo.token_logprobs(logits, response_ids, temperature=temperature), logits
-
-
-def autocast_ctx(cfg: Config, device):
-    if device.type == "cuda" and cfg.dtype in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu" and cfg.dtype == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-# ----------------------------------------------------------------------------- rollouts and evaluation
-
-def rollout(engine: Engine, processor, prompts, labels, cfg: Config, step: int, prompt_ids: list[int], reward_fn,
-            device):
-    """G samples per prompt from the current policy (the engine reads its weights), decoded and scored by the rule
-    reward. Under the training forward's autocast, so that sampled log-probs round like the trainer's."""
-    seeds = [hash64(cfg.seed, step, pid) for pid in prompt_ids]
-    with torch.no_grad(), autocast_ctx(cfg, device):
-        ro = engine.generate(prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                             stop_token_ids=processor.stop_token_ids, pad_token_id=processor.pad_token_id,
-                             prompt_seeds=seeds)
-    texts = decode_responses(processor, ro)
-    row_labels = [labels[int(i)] for i in ro.prompt_index]
-    scored = [reward_fn(t, lab) for t, lab in zip(texts, row_labels)]
-    rewards_t = torch.tensor([s[0] for s in scored], dtype=torch.float32)
-    if not torch.isfinite(rewards_t).all():
-        bad = [i for i, s in enumerate(scored) if not math.isfinite(s[0])]
-        raise ValueError(f"reward function --reward={cfg.reward} returned non-finite rewards for rows {bad[:10]}")
-    return ro, texts, rewards_t, [s[1] for s in scored]
-
-
-def decode_responses(processor, ro) -> list[str]:
-    """Response text as the reward reads it: the stop token (<|im_end|>) is special and dropped, so that
-    `</answer>` ends the text as the format gate requires (PAPER.md section 3)."""
+def decode_responses(processor, ro: Rollout) -> list[str]:
+    """Response text as the reward reads it: the stop token (<|im_end|>) is special and dropped, so that </answer>
+    ends the text as the format rule wants."""
     return [processor.decode(ro.response_ids[r][ro.response_mask[r].bool()].tolist(), skip_special_tokens=True)
             for r in range(ro.response_ids.shape[0])]
 
 
+def rollout(engine: Engine, processor, records, ids: list[int], cfg: Config, step: int, reward_fn, device) -> dict:
+    """G samples for each record id from the current policy (the engine reads its weights), decoded and scored by
+    the rule reward (+ DAPO's overlong penalty). Under the training forward's autocast, so that sampled log-probs
+    round like the trainer's."""
+    prompts = [encode(processor, records[i], cfg) for i in ids]
+    with torch.no_grad(), autocast_ctx(cfg, device):
+        ro = engine.generate(prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                             stop_token_ids=processor.stop_token_ids, pad_token_id=processor.pad_token_id,
+                             prompt_seeds=[hash64(cfg.seed, step, i) for i in ids])
+    texts = decode_responses(processor, ro)
+    labels = [records[ids[int(i)]].labels for i in ro.prompt_index]
+    scored = [reward_fn(t, lab) for t, lab in zip(texts, labels)]
+    reward = torch.tensor([s[0] for s in scored], dtype=torch.float32)
+    if not torch.isfinite(reward).all():
+        raise ValueError(f"reward function --reward={cfg.reward} returned non-finite rewards for rows "
+                         f"{torch.nonzero(~torch.isfinite(reward)).flatten().tolist()[:10]}")
+    if cfg.overlong_buffer:
+        reward += grpo.overlong_penalty(ro.response_mask.sum(1), cfg.max_new_tokens, cfg.overlong_buffer,
+                                        cfg.overlong_penalty)
+    return dict(ids=ids, prompts=prompts, ro=ro, reward=reward, comps=[s[1] for s in scored], labels=labels)
+
+
+def split_groups(batch: dict, G: int) -> list[dict]:
+    """A rollout batch as one small dict per prompt (CPU tensors; no images), to gather across ranks."""
+    ro = batch["ro"]
+    return [dict(id=i, response_ids=ro.response_ids[g * G:(g + 1) * G], response_mask=ro.response_mask[g * G:(g + 1) * G],
+                 logprobs=ro.logprobs[g * G:(g + 1) * G], finish=ro.finish_reason[g * G:(g + 1) * G],
+                 reward=batch["reward"][g * G:(g + 1) * G], comps=batch["comps"][g * G:(g + 1) * G],
+                 labels=batch["labels"][g * G:(g + 1) * G]) for g, i in enumerate(batch["ids"])]
+
+
+def join_groups(groups: list[dict], processor, records, cfg: Config, pad_id: int) -> dict:
+    """split_groups' inverse for any list of groups (responses right-padded to the longest)."""
+    R = max(g["response_ids"].shape[1] for g in groups)
+    pad = lambda t, v: torch.nn.functional.pad(t, (0, R - t.shape[1]), value=v)  # noqa: E731
+    ro = Rollout(prompt_index=torch.arange(len(groups)).repeat_interleave(cfg.group_size),
+                 response_ids=torch.cat([pad(g["response_ids"], pad_id) for g in groups]),
+                 response_mask=torch.cat([pad(g["response_mask"], 0) for g in groups]),
+                 logprobs=torch.cat([pad(g["logprobs"], 0) for g in groups]),
+                 finish_reason=[f for g in groups for f in g["finish"]])
+    return dict(ids=[g["id"] for g in groups], prompts=[encode(processor, records[g["id"]], cfg) for g in groups],
+                ro=ro, reward=torch.cat([g["reward"] for g in groups]),
+                comps=[c for g in groups for c in g["comps"]], labels=[lab for g in groups for lab in g["labels"]])
+
+
+def collect_step(engine, processor, records, cfg: Config, step: int, cursor: int, reward_fn, device, rank, world):
+    """This rank's rollouts for the step, and the stream position after them. With dynamic sampling (DAPO) groups
+    whose rewards are all equal teach nothing: draws of prompts_per_step prompts continue (at most max_draws) until
+    the step holds prompts_per_step informative groups, chosen over all ranks in stream order, so that the batch is
+    the same for any number of processes; a step still short after max_draws is filled with uninformative groups
+    (advantage 0), keeping every rank's batch the same size."""
+    P, G = cfg.prompts_per_step, cfg.group_size
+    if not cfg.dynamic_sampling:
+        ids = stream_ids(cursor, P, len(records), cfg)[rank::world]
+        return rollout(engine, processor, records, ids, cfg, step, reward_fn, device), cursor + P, 1
+    informative, others = [], []
+    for draw in range(1, cfg.max_draws + 1):
+        ids = stream_ids(cursor, P, len(records), cfg)
+        cursor += P
+        mine = split_groups(rollout(engine, processor, records, ids[rank::world], cfg, step * 1000 + draw, reward_fn,
+                                    device), G)
+        parts = all_gather_objects(mine)  # rank r holds stream positions r, r + world, ...
+        for g in [parts[k % world][k // world] for k in range(P)]:
+            (informative if bool(grpo.informative_groups(g["reward"], G)[0]) else others).append(g)
+        if len(informative) >= P:
+            break
+    chosen = (informative + others)[:P]
+    return join_groups(chosen[rank::world], processor, records, cfg, 0), cursor, draw
+
+
 def evaluate(engine: Engine, processor, records, cfg: Config, device, reward_fn, rank: int, world: int) -> dict:
     """Greedy decoding on held-out records (sharded over ranks), scored with the safety metrics."""
-    from data.toy import metrics as safety_metrics
-    mine = list(range(rank, len(records), world))
-    responses = {}
+    mine, responses = list(range(rank, len(records), world)), {}
     for start in range(0, len(mine), cfg.eval_batch_size):
         idx = mine[start:start + cfg.eval_batch_size]
-        prompts = encode_records(processor, [records[i] for i in idx], cfg)
         with torch.no_grad(), autocast_ctx(cfg, device):
-            ro = engine.generate(prompts, group_size=1, max_new_tokens=cfg.max_new_tokens, temperature=0.0,
-                                 stop_token_ids=processor.stop_token_ids, pad_token_id=processor.pad_token_id, seed=0)
+            ro = engine.generate([encode(processor, records[i], cfg) for i in idx], group_size=1,
+                                 max_new_tokens=cfg.max_new_tokens, temperature=0.0,
+                                 stop_token_ids=processor.stop_token_ids, pad_token_id=processor.pad_token_id)
         responses.update(zip(idx, decode_responses(processor, ro)))
     merged = {}
     for part in all_gather_objects(responses):
         merged.update(part)
-    ordered = [merged[i] for i in range(len(records))]
-    return safety_metrics(records, ordered, reward_fn=reward_fn)
+    return safety_metrics.evaluate(records, [merged[i] for i in range(len(records))], reward_fn=reward_fn)
 
 
-# ----------------------------------------------------------------------------- one GRPO step
+# ----------------------------------------------------------------------------- the update
 
-def train_on_rollouts(policy, ref_model, optimizer, scheduler, prompts, ro, advantages, cfg: Config, device,
-                      world: int, pad_id: int) -> dict:
-    """mu epochs over mini-batches of the step's rollouts; one optimizer update per mini-batch.
-
-    Rows are ordered by prompt (row r is prompt r // G). A mini-batch is mini_batch_prompts/world prompts'
-    G rows on this rank, split into micro-batches for gradient accumulation. The loss normalizer is the
-    mini-batch's total over ALL ranks (response tokens for token-mean, sequences for the seq modes), so
-    summing micro-batch gradients over ranks gives exactly the full-batch gradient."""
-    B = ro.response_ids.shape[0]
-    rows_per_mb = cfg.mini_batch_prompts // world * cfg.group_size
-    old_logprobs = ro.logprobs
-    if cfg.ppo_epochs > 1:  # mu > 1: recompute the behaviour log-probs with the training forward, once
-        old_logprobs = torch.zeros_like(ro.logprobs)
-        with torch.no_grad():
-            for rows in chunks(list(range(B)), cfg.micro_batch_size):
-                old_logprobs[rows] = micro_logprobs(policy, prompts, ro, rows, cfg, device, pad_id)[0].float().cpu()
-    sums, extremes, updates, skipped = {}, {}, 0, 0
-    for _ in range(cfg.ppo_epochs):
-        for mb in chunks(list(range(B)), rows_per_mb):
-            # the global normalizer: response tokens (token-mean) or non-empty sequences (seq modes) of the
-            # whole mini-batch over all ranks, so micro-batch and rank shares add up to the full-batch loss
-            normalizer = all_reduce_sum([float(grpo.agg_normalizer(ro.response_mask[mb], cfg.loss_agg))], device)[0]
-            micro = list(chunks(mb, cfg.micro_batch_size))
-            for j, rows in enumerate(micro):
-                sync = j == len(micro) - 1 or not hasattr(policy, "no_sync")
-                with (nullcontext() if sync else policy.no_sync()):
-                    logp, logits, resp, mask = micro_logprobs(policy, prompts, ro, rows, cfg, device, pad_id)
-                    ref_lp = None
-                    if ref_model is not None and cfg.kl_coef > 0:
-                        with torch.no_grad():
-                            ref_lp = micro_logprobs(ref_model, prompts, ro, rows, cfg, device, pad_id)[0]
-                    loss, stats = grpo.policy_loss(
-                        logp, old_logprobs[rows].to(device)[:, :mask.shape[1]],
-                        advantages[rows].to(device), mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                        dual_clip=cfg.dual_clip or None, ref_logprobs=ref_lp, kl_coef=cfg.kl_coef,
-                        kl_kind=cfg.kl_kind, agg=cfg.loss_agg, loss_normalizer=normalizer,
-                        norm_constant=cfg.max_new_tokens, logits=logits, entropy_coef=cfg.entropy_coef)
-                    # DDP/FSDP average gradients over ranks; the normalizer is already global, so undo the mean
-                    (loss * world).backward()
-                weight = float(mask.sum())
-                for k, v in stats.items():
-                    if k in SHARE_STATS:  # shares of the mini-batch value: they add up over micro-batches/ranks
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                    elif k == "ratio_min":
-                        extremes[k] = min(extremes.get(k, math.inf), float(v))
-                    elif k == "ratio_max":
-                        extremes[k] = max(extremes.get(k, -math.inf), float(v))
-                    else:  # per-token means of this micro-batch: weight by its token count
-                        sums[k] = sums.get(k, 0.0) + float(v) * weight
-                sums["_w"] = sums.get("_w", 0.0) + weight
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-            if math.isfinite(grad_norm):
-                optimizer.step()
-                updates += 1
-            else:  # a non-finite gradient poisons AdamW's moments: drop this update entirely
-                skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + (grad_norm if math.isfinite(grad_norm) else 0.0)
-    n_mb = max(1, updates + skipped)
-    w = all_reduce_sum([sums.pop("_w", 0.0)], device)[0] or 1.0
-    grad_norm_sum = sums.pop("grad_norm", 0.0)
-    keys = sorted(sums)
-    totals = all_reduce_sum([sums[k] for k in keys], device)
-    out = {k: v / (n_mb if k in SHARE_STATS else w) for k, v in zip(keys, totals)}
-    out.update(extremes)  # this rank's ratio extremes
-    out["grad_norm"] = grad_norm_sum / n_mb
-    out["skipped_updates"], out["updates"] = skipped, updates
-    return out
-
-
-SHARE_STATS = ("loss", "pg_loss", "kl")  # grpo.policy_loss returns these as shares of the mini-batch value
-
-
-def chunks(xs: list, n: int):
+def chunks(xs, n: int):
+    xs = list(xs)
     for i in range(0, len(xs), n):
         yield xs[i:i + n]
 
 
-def micro_logprobs(model, prompts, ro, rows: list[int], cfg: Config, device, pad_id: int):
-    """Training-forward log-probs for some rollout rows, trimmed to their longest response.
+def train_on_rollouts(policy, ref_model, optimizer, scheduler, batch: dict, advantages, old_logprobs, loss_mask,
+                      cfg: Config, device, world: int, pad_id: int) -> dict:
+    """mu epochs over mini-batches of the step's rollouts; one optimizer update per mini-batch.
 
-    With cfg.shared_prefix the rows' distinct prompts run once and their rows attend to them (model/prefix.py);
-    otherwise every row is [its prompt | its response] (the prompt recomputed G times)."""
-    mask = ro.response_mask[rows]
-    R = max(1, int(mask.sum(1).max()))
-    resp = ro.response_ids[rows][:, :R]
-    mask = mask[:, :R]
-    if cfg.shared_prefix:
-        batch = collate_groups(prompts, ro.prompt_index[rows], resp, mask, pad_id, device)
-        with autocast_ctx(cfg, device):
-            if isinstance(getattr(model, "module", None), GroupedForward):  # DDP around GroupedForward
-                logits, anchor = model(**batch)
-            else:
-                logits, anchor = grouped_logits(model, **batch)
-            logp = grpo.token_logprobs(logits, resp.to(device), temperature=cfg.temperature) + anchor
-        return logp, logits, resp.to(device), mask.to(device).float()
-    net = getattr(model, "module", model)  # DDP keeps the model in .module
-    batch = collate([prompts[int(ro.prompt_index[r])] for r in rows], resp, mask, pad_id, device,
-                    net.rope_index, net.config.image_token_id)
-    with autocast_ctx(cfg, device):
-        logp, logits = response_logprobs(model, batch, resp.to(device), cfg.temperature)
-    return logp, logits, resp.to(device), mask.to(device).float()
-
-
-def collate_groups(prompts: list[dict], prompt_index: torch.Tensor, response_ids, response_mask, pad_id: int,
-                   device) -> dict:
-    """grouped_logits' inputs: the distinct prompts of these rows (left-padded, in first-seen order), their
-    images, and each row's prompt number."""
-    order = list(dict.fromkeys(int(i) for i in prompt_index))
-    local = {p: u for u, p in enumerate(order)}
-    ids, real, pix, grid = left_pad([prompts[p] for p in order], pad_id, device)
-    return dict(prompt_ids=ids, prompt_mask=real, pixel_values=pix, image_grid_thw=grid,
-                response_ids=response_ids.to(device), response_mask=response_mask.to(device),
-                row_prompt=torch.tensor([local[int(i)] for i in prompt_index], device=device))
-
-
-def rollout_kv_budget(cfg: Config, net, device) -> int | None:
-    """--rollout_kv_gb in bytes; 0 = on CUDA a third of the memory that is free now less what the optimizer will
-    take at its first step (fp32 gradients and AdamW's two moments), on CPU no limit."""
-    if cfg.rollout_kv_gb > 0:
-        return int(cfg.rollout_kv_gb * 2 ** 30)
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    params = sum(p.numel() for p in net.parameters() if p.requires_grad)  # this rank's shard under FSDP2
-    return max(int((free - 12 * params) / 3), 1 << 30)
-
-
-def make_optimizer(net, cfg: Config):
-    """AdamW; the fused kernel (3x faster step on CPU here) except on FSDP2's sharded DTensor parameters."""
-    sharded = cfg.fsdp and dist.is_initialized()
-    return torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=not sharded)
+    Rows are ordered by prompt (row r is prompt r // G). A mini-batch is mini_batch_prompts/world prompts' G rows
+    on this rank, split into micro-batches for gradient accumulation. The loss normalizer is the mini-batch's total
+    over ALL ranks (grpo.agg_normalizer), so micro-batch and rank shares add up to the full-batch loss. loss_mask:
+    the response tokens that count (DAPO's mask_truncated zeroes cut responses). Returns the step's stats."""
+    ro, prompts = batch["ro"], batch["prompts"]
+    rows_per_mb = cfg.mini_batch_prompts // world * cfg.group_size
+    kl_in_loss = ref_model is not None and cfg.kl_coef > 0 and not cfg.kl_in_reward
+    has_no_sync = hasattr(policy, "no_sync")
+    stats = StatSums(shares=("loss", "pg_loss", "kl"))
+    # With the sampler's log-probs as the old ones, the forward before the first update is the recomputation:
+    # the sampler/trainer mismatch of the first mini-batch comes for free (sum |delta|, tokens, max).
+    mismatch = [0.0, 0.0, 0.0] if old_logprobs is ro.logprobs else None
+    for _ in range(cfg.ppo_epochs):
+        for mb in chunks(range(ro.response_ids.shape[0]), rows_per_mb):
+            normalizer = all_reduce_sum([float(grpo.agg_normalizer(loss_mask[mb], cfg.loss_agg,
+                                                                   cfg.micro_batch_size))], device)[0]
+            if normalizer == 0:  # no token counts (every response truncated under mask_truncated): no update
+                continue
+            micro = list(chunks(mb, cfg.micro_batch_size))
+            for j, rows in enumerate(micro):
+                sync = j == len(micro) - 1 or not has_no_sync  # DDP: all-reduce gradients once per mini-batch
+                with (nullcontext() if sync else policy.no_sync()):
+                    logp, logits, _, mask = micro_logprobs(policy, prompts, ro, rows, cfg, device, pad_id)
+                    R = mask.shape[1]
+                    ref_lp = None
+                    if kl_in_loss:
+                        with torch.no_grad(), ref_model.active():
+                            ref_lp = micro_logprobs(ref_model.model, prompts, ro, rows, cfg, device, pad_id)[0]
+                    loss, s = grpo.policy_loss(
+                        logp, old_logprobs[rows, :R].to(device), advantages[rows].to(device),
+                        loss_mask[rows, :R].to(device), clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                        dual_clip=cfg.dual_clip or None, ref_logprobs=ref_lp, kl_coef=cfg.kl_coef if kl_in_loss else 0,
+                        kl_kind=cfg.kl_kind, agg=cfg.loss_agg, loss_normalizer=normalizer,
+                        norm_constant=cfg.max_new_tokens, logits=logits, temperature=cfg.temperature,
+                        entropy_coef=cfg.entropy_coef, ratio_level=cfg.ratio_level,
+                        rollout_logprobs=ro.logprobs[rows, :R].to(device) if cfg.tis_cap else None,
+                        tis_cap=cfg.tis_cap or None)
+                    (loss * world).backward()  # DDP/FSDP average gradients over ranks; the normalizer is global
+                stats.add(s, weight=float(mask.sum()))
+                if mismatch is not None and not stats.counts:
+                    delta = (logp.detach().float() - old_logprobs[rows, :R].to(device)).abs() * mask
+                    mismatch = [mismatch[0] + float(delta.sum()), mismatch[1] + float(mask.sum()),
+                                max(mismatch[2], float(delta.max()))]
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            if math.isfinite(grad_norm):
+                optimizer.step()
+                scheduler.step()  # the schedule counts updates that happened
+                stats.count("updates", grad_norm=grad_norm)
+            else:  # a non-finite gradient would poison AdamW's moments: drop this update entirely
+                stats.count("skipped_updates")
+            optimizer.zero_grad(set_to_none=True)
+    out = stats.reduce(device)
+    if mismatch is not None:
+        total, tokens = all_reduce_sum(mismatch[:2], device)
+        out.update(mismatch=total / max(tokens, 1.0), mismatch_max=mismatch[2])
+    return out
 
 
 def make_scheduler(optimizer, cfg: Config, total_updates: int):
+    """Linear warmup, then constant or cosine to 0, counted in optimizer updates."""
     def factor(update: int) -> float:
         if cfg.warmup_steps and update < cfg.warmup_steps:
             return (update + 1) / cfg.warmup_steps
         if cfg.lr_schedule == "cosine":
-            progress = (update - cfg.warmup_steps) / max(1, total_updates - cfg.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (update - cfg.warmup_steps) /
+                                                     max(1, total_updates - cfg.warmup_steps))))
         return 1.0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-# ----------------------------------------------------------------------------- toy world
+def behaviour_logprobs(policy, batch, cfg: Config, device, pad_id: int):
+    """The old log-probs of the PPO ratio, and the sampler's mismatch against the training forward. In fp32 the
+    sampler's log-probs are the behaviour policy's, exactly; under bf16 the two forwards round differently, so
+    they are recomputed (verl's default) when --old_logprobs says so ('auto': whenever the policy runs in bf16),
+    or when truncated importance sampling needs both."""
+    ro = batch["ro"]
+    low_precision = autocast_ctx(cfg, device) is not None or next(policy.parameters()).dtype != torch.float32
+    if not (cfg.old_logprobs == "recompute" or cfg.tis_cap or cfg.old_logprobs == "auto" and low_precision):
+        return ro.logprobs, {}
+    old = all_logprobs(policy, batch["prompts"], ro, cfg, device, pad_id)
+    delta = (old - ro.logprobs)[ro.response_mask.bool()].abs()
+    n = all_reduce_sum([float(delta.sum()), float(delta.numel())], device)
+    return old, {"mismatch": n[0] / max(n[1], 1.0), "mismatch_max": float(delta.max()) if delta.numel() else 0.0}
 
-def prepare_toy(cfg: Config, rank: int, device) -> str:
-    """Build the toy checkpoint and run the supervised warm start once; returns the warm-started dir."""
-    import model as vlm
-    from data import toy
-    from data.warmstart import warm_start
-    init_dir = os.path.join(cfg.out_dir, "toy_init")
-    ws_dir = os.path.join(cfg.out_dir, "warmstart")
-    if rank == 0 and not os.path.isfile(os.path.join(ws_dir, "config.json")):
-        if not os.path.isfile(os.path.join(init_dir, "config.json")):
-            toy.build_checkpoint(init_dir, seed=cfg.seed)
-        net = vlm.load(init_dir, device=device, dtype=torch.float32)
-        processor = vlm.load_processor(init_dir)
-        import random
-        rng = random.Random(cfg.seed)
-        examples = [(r, toy.warmstart_response(r, rng)) for r in toy.records(cfg.train_split, cfg.toy_train_size, cfg.seed)]
-        t0 = time.time()
-        warm_start(net, processor, examples, steps=cfg.warmstart_steps, lr=cfg.warmstart_lr,
-                   batch_size=cfg.warmstart_batch_size, seed=cfg.seed)
-        print(f"warm start: {cfg.warmstart_steps} steps in {time.time() - t0:.0f}s", flush=True)
-        tmp = ws_dir + ".tmp"
-        vlm.save(net, tmp)
-        processor.save(tmp)
-        os.replace(tmp, ws_dir)
-    barrier()
-    return ws_dir
+
+def grpo_update(policy, ref_model, optimizer, scheduler, kl_ctl, batch: dict, cfg: Config, device, rank: int,
+                world: int, pad_id: int) -> dict:
+    """A step after its rollouts: the old log-probs of the ratio, KL folded into the rewards when asked (verl's
+    use_kl_in_reward, with its fixed or adaptive controller kl_ctl), group advantages (batch scaling over every
+    rank's rewards), the loss mask (DAPO drops truncated responses), then train_on_rollouts. Returns its stats."""
+    ro = batch["ro"]
+    old_logprobs, extra = behaviour_logprobs(policy, batch, cfg, device, pad_id)
+    reward = batch["reward"]
+    if cfg.kl_in_reward and ref_model is not None:
+        with ref_model.active():
+            ref = all_logprobs(ref_model.model, batch["prompts"], ro, cfg, device, pad_id)
+        reward, batch_kl = grpo.kl_in_reward(reward, old_logprobs, ref, ro.response_mask, kl_ctl.value, cfg.kl_kind)
+        extra.update(kl_reward=all_reduce_sum([float(batch_kl) / world], device)[0], kl_coef=kl_ctl.value)
+        kl_ctl.update(extra["kl_reward"], n_steps=cfg.prompts_per_step * cfg.group_size)
+    everyone = torch.cat(all_gather_objects(reward)) if cfg.adv_scale == "batch" else reward
+    adv = grpo.group_advantages(everyone, cfg.group_size, scale=cfg.adv_scale, estimator=cfg.adv_estimator)
+    adv = adv.view(world, -1)[rank] if cfg.adv_scale == "batch" else adv
+    truncated = torch.tensor([f == "length" for f in ro.finish_reason])
+    loss_mask = grpo.mask_truncated(ro.response_mask, truncated) if cfg.mask_truncated else ro.response_mask
+    return train_on_rollouts(policy, ref_model, optimizer, scheduler, batch, adv, old_logprobs, loss_mask, cfg,
+                             device, world, pad_id) | extra
 
 
 # ----------------------------------------------------------------------------- main
@@ -340,119 +253,105 @@ def main(argv: list[str] | None = None) -> dict:
         print(help_text())
         return {}
     cfg = parse_config(argv)
+    if cfg.dry_run_memory:
+        print(memory_plan.plan_for_config(cfg))
+        return {}
     rank, world, device = init_distributed(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.prompts_per_step % world or cfg.mini_batch_prompts % world:
-        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} and mini_batch_prompts={cfg.mini_batch_prompts} "
-                         f"must be divisible by the number of processes ({world})")
+        raise ValueError(f"--prompts_per_step={cfg.prompts_per_step} and --mini_batch_prompts="
+                         f"{cfg.mini_batch_prompts} must be divisible by the number of processes ({world})")
     torch.manual_seed(cfg.seed)
+    fsdp = uses_fsdp(cfg)
     log = print if rank == 0 else (lambda *a, **k: None)
     log(f"config:\n{cfg.to_json()}", flush=True)
     os.makedirs(cfg.out_dir, exist_ok=True)
     if rank == 0:
-        trainstate.write_json(os.path.join(cfg.out_dir, "config.json"), __import__("json").loads(cfg.to_json()))
+        trainstate.write_json(os.path.join(cfg.out_dir, "config.json"), cfg.to_dict())
 
+    # ---- data: the prompts, overlong ones dropped; the held-out split
     import model as vlm
     reward_fn = rewards.resolve_reward(cfg.reward)
-    init_path = prepare_toy(cfg, rank, device) if cfg.model == "toy" else cfg.model
+    init_path = prepare_toy_model(cfg, rank, device) if cfg.model == "toy" else cfg.model
     processor = vlm.load_processor(init_path)
-    train_records, eval_records = load_split(cfg, cfg.train_split), load_split(cfg, cfg.eval_split)
-    if cfg.eval_size:
-        eval_records = eval_records[:cfg.eval_size]
+    train_records = drop_overlong(processor, load_split(cfg, cfg.train_split), cfg, log)
+    eval_records = load_split(cfg, cfg.eval_split)[:cfg.eval_size or None]
     if not train_records:
-        raise ValueError(f"--data={cfg.data}: split {cfg.train_split!r} has no rows")
-    steps_per_epoch = math.ceil(len(train_records) / cfg.prompts_per_step)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+        raise ValueError(f"--data={cfg.data}: split {cfg.train_split!r} has no rows of at most "
+                         f"--max_prompt_len={cfg.max_prompt_len} prompt tokens")
+    total_steps = cfg.max_steps or cfg.epochs * (epoch_length(len(train_records), cfg) // cfg.prompts_per_step)
     updates_per_step = cfg.ppo_epochs * cfg.prompts_per_step // cfg.mini_batch_prompts
 
+    # ---- models: the policy (DDP or FSDP2), the frozen reference, AdamW and its schedule; or a resumed run
     resume = trainstate.latest_checkpoint(cfg.out_dir) if cfg.resume else None
-    policy_path = os.path.join(resume, "policy") if resume else init_path
-    wrapped, net = build_policy(policy_path, cfg, device, world)
-    ref_model = build_reference(init_path, cfg, device) if cfg.kl_coef > 0 else None
-    optimizer = make_optimizer(net, cfg)
+    wrapped, net = build_policy(init_path, cfg, device, world, resume_dir=resume and os.path.join(resume, "policy"))
+    ref_model = build_reference(init_path, cfg, device, net)  # None without a KL term
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay, fused=not fsdp)  # fused: 3x faster on CPU; not on DTensors
     scheduler = make_scheduler(optimizer, cfg, total_steps * updates_per_step)
-    start_step, nonfinite, summary = 0, 0, {}
+    kl_ctl = grpo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target \
+        else grpo.FixedKLController(cfg.kl_coef)
+    start_step, cursor, nonfinite, summary = 0, 0, 0, {}
     if resume:
         # under FSDP only rank 0 reads the optimizer tensors (a full fp32 AdamW state per rank would not fit)
-        ck = trainstate.load_checkpoint(resume, optimizer=rank == 0 or not (cfg.fsdp and dist.is_initialized()))
+        ck = trainstate.load_checkpoint(resume, optimizer=rank == 0 or not fsdp)
         load_optimizer_state(wrapped, optimizer, ck["optimizer"], cfg)
-        scheduler.load_state_dict(ck["trainer_state"]["scheduler"])
-        start_step, nonfinite = ck["trainer_state"]["step"], ck["trainer_state"]["nonfinite"]
-        summary = ck["trainer_state"].get("summary", {})
+        state = ck["trainer_state"]
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, cursor, nonfinite = state["step"], state["cursor"], state["nonfinite"]
+        summary, kl_ctl.value = state.get("summary", {}), state.get("kl_coef", kl_ctl.value)
         log(f"resumed from {resume} at step {start_step}", flush=True)
-    metrics_log = MetricsLog(cfg.out_dir, rank == 0, cfg.wandb, cfg.wandb_project,
-                             __import__("json").loads(cfg.to_json()), resume_step=start_step)
-    labels = [r.labels for r in train_records]
+    metrics_log = MetricsLog(cfg.out_dir, rank == 0, cfg.wandb, cfg.wandb_project, cfg.to_dict(),
+                             resume_step=start_step)
 
-    # Two engines, each keeping its buffers and CUDA graphs across steps: G-sample rollouts, and greedy evaluation.
+    # ---- rollout engines, each keeping its buffers and CUDA graphs across steps: G samples, and greedy eval
     kv_budget = rollout_kv_budget(cfg, net, device)
     rollout_engine, eval_engine = Engine(net, kv_budget_bytes=kv_budget), Engine(net, kv_budget_bytes=kv_budget)
 
     def run_eval(tag: str, records) -> dict:
-        with RolloutPolicy(wrapped, net, cfg.fsdp and dist.is_initialized()):
+        with RolloutPolicy(wrapped, net, fsdp):
             m = evaluate(eval_engine, processor, records, cfg, device, reward_fn, rank, world)
+        eval_engine.release()  # evaluations are rare: give its KV slots and weight copies back until the next
         log(f"eval[{tag}] " + " ".join(f"{k}={v:.3f}" for k, v in m.items() if isinstance(v, float)), flush=True)
         return m
 
+    def save(step: int):
+        check_finite(net)
+        save_policy, optim_state = full_states(wrapped, net, optimizer, cfg, extras_from=init_path)
+        if rank == 0:
+            trainstate.save_checkpoint(cfg.out_dir, step, save_policy, optim_state, dict(
+                step=step, cursor=cursor, nonfinite=nonfinite, scheduler=scheduler.state_dict(), summary=summary,
+                kl_coef=kl_ctl.value, config=cfg.to_dict()), keep_last=cfg.keep_last)
+        barrier()
+        return save_policy
+
     if "before" not in summary and eval_records:
         summary["before"] = run_eval("before", eval_records)
-
-    def checkpoint(step: int):
-        check_finite(net)
-        save_policy, optim_state = full_states(wrapped, net, optimizer, cfg)  # every rank: FSDP gathers
-        if rank == 0:
-            trainstate.save_checkpoint(cfg.out_dir, step, save_policy, optim_state,
-                                       {"step": step, "nonfinite": nonfinite, "scheduler": scheduler.state_dict(),
-                                        "cursor": step * cfg.prompts_per_step, "summary": summary,
-                                        "config": __import__("json").loads(cfg.to_json())},
-                                       keep_last=cfg.keep_last)
-        barrier()
-
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc="SafeGRPO", file=sys.stderr)
-    except ImportError:
-        bar = None
     net.train()
     for step in range(start_step, total_steps):
         t0 = time.time()
-        ids = step_prompt_ids(step, len(train_records), cfg)[rank::world]   # this rank's prompts
-        prompts = encode_records(processor, [train_records[i] for i in ids], cfg)
-        with RolloutPolicy(wrapped, net, cfg.fsdp and dist.is_initialized()):
-            ro, texts, rew, comps = rollout(rollout_engine, processor, prompts, [labels[i] for i in ids], cfg, step,
-                                            ids, reward_fn, device)
-        t_rollout = time.time() - t0
-        advantages = grpo.group_advantages(rew, cfg.group_size, scale=cfg.adv_scale)
-        stats = train_on_rollouts(wrapped, ref_model, optimizer, scheduler, prompts, ro, advantages, cfg,
-                                  device, world, processor.pad_token_id)
-        n_gen = float(ro.response_mask.sum())
-        keys = ("format", "tag", "behavior", "visual_correct", "text_correct", "combined_correct", "refused")
-        local = [float(rew.sum()), float(len(rew)), n_gen] + [float(sum(float(c.get(k, 0)) for c in comps)) for k in keys]
-        # refusals split by the reference verdict: rising over_refusal means the policy learns "refuse" blindly
-        unsafe = [labels[ids[int(i)]].get("combine_tag") == "unsafe" for i in ro.prompt_index]
-        refused = [bool(c.get("refused")) for c in comps]
-        local += [float(sum(unsafe)), float(sum(r and u for r, u in zip(refused, unsafe))),
-                  float(sum(r and not u for r, u in zip(refused, unsafe)))]
-        tot = all_reduce_sum(local, device)
-        n_unsafe, n_safe = tot[-3], tot[1] - tot[-3]
-        m = {"reward": tot[0] / tot[1], "response_len": tot[2] / tot[1],
-             **{k: v / tot[1] for k, v in zip(keys, tot[3:3 + len(keys)])},
-             "refusal_unsafe": tot[-2] / n_unsafe if n_unsafe else math.nan,     # NaN: no such row this step
-             "over_refusal_safe": tot[-1] / n_safe if n_safe else math.nan,
-             "kl": stats.get("kl", 0.0), "clipfrac": stats.get("clipfrac_low", 0.0) + stats.get("clipfrac_high", 0.0),
-             "entropy": stats.get("entropy", 0.0), "pg_loss": stats.get("pg_loss", 0.0),
-             "ratio_max": stats.get("ratio_max", 0.0), "grad_norm": stats["grad_norm"],
-             "lr": scheduler.get_last_lr()[0], "tokens_per_s": tot[2] / max(t_rollout, 1e-9),
-             "rollout_time": t_rollout, "step_time": time.time() - t0, "skipped": stats["skipped_updates"]}
+        # 1. rollouts: G samples per prompt from the current policy, scored by the rule reward
+        with RolloutPolicy(wrapped, net, fsdp):
+            batch, cursor, draws = collect_step(rollout_engine, processor, train_records, cfg, step, cursor,
+                                                reward_fn, device, rank, world)
+        ro, t_rollout = batch["ro"], time.time() - t0
+        # 2-3. old log-probs, advantages, then mu epochs of clipped-loss updates
+        stats = grpo_update(wrapped, ref_model, optimizer, scheduler, kl_ctl, batch, cfg, device, rank, world,
+                            processor.pad_token_id)
+        # 4. the step's metrics, summed over ranks: rewards and safety behaviour of the samples, then the loss's
+        totals = all_reduce_sum(safety_metrics.sums(batch["reward"].tolist(), batch["comps"], batch["labels"])
+                                | {"tokens": float(ro.response_mask.sum())}, device)
+        m = safety_metrics.means(totals) | stats | {
+            "response_len": totals["tokens"] / totals["n"], "draws": draws, "lr": scheduler.get_last_lr()[0],
+            "tokens_per_s": totals["tokens"] / max(t_rollout, 1e-9), "rollout_time": t_rollout,
+            "step_time": time.time() - t0}
+        nonfinite += stats["skipped_updates"]
         if stats["skipped_updates"]:
-            nonfinite += stats["skipped_updates"]
             log(f"step {step + 1}: skipped {stats['skipped_updates']} update(s) with non-finite gradients "
                 f"({nonfinite} so far, limit {cfg.max_nonfinite})", flush=True)
         metrics_log.log(step + 1, m)
         log(metrics_log.console(step + 1, total_steps, m), flush=True)
-        if bar is not None:
-            bar.update(1)
         if nonfinite > cfg.max_nonfinite:
             raise RuntimeError(f"stopping: {nonfinite} non-finite updates exceed --max_nonfinite={cfg.max_nonfinite}; "
                                f"the last good checkpoint is {trainstate.latest_checkpoint(cfg.out_dir)}")
@@ -460,22 +359,24 @@ def main(argv: list[str] | None = None) -> dict:
             metrics_log.log(step + 1, {f"eval_{k}": v for k, v in run_eval(f"step {step + 1}", eval_records).items()
                                        if isinstance(v, float)})
         if cfg.save_every and (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
-            checkpoint(step + 1)
-    if bar is not None:
-        bar.close()
+            save(step + 1)
 
+    # ---- the end: held-out metrics after training, the trained model in <out_dir>/final/, curves
     if eval_records:
         summary["after"] = run_eval("after", eval_records)
         if cfg.data == "toy":
             from data import toy
             summary["after_image_blank"] = run_eval("after, images blanked", toy.blank_images(eval_records))
+    save_policy, _ = full_states(wrapped, net, optimizer, cfg, extras_from=init_path, optimizer_state=False,
+                                 final=True)
     if rank == 0:
+        save_policy(os.path.join(cfg.out_dir, "final"))
         trainstate.write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
         png = plot_curves(metrics_log.read(), os.path.join(cfg.out_dir, "curves.png"))
-        log(f"wrote {os.path.join(cfg.out_dir, 'summary.json')}" + (f" and {png}" if png else ""), flush=True)
-    barrier()
-    if world > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+        log(f"the trained model: {os.path.join(cfg.out_dir, 'final')}; wrote summary.json" +
+            (f" and {png}" if png else ""), flush=True)
+    metrics_log.close()
+    shutdown()
     return summary
 
 

@@ -1,7 +1,8 @@
 """Run checkpoints for train.py: atomic, resumable, keep-last-N, with no pickle anywhere.
 
 A run checkpoint is a folder `<out_dir>/checkpoints/step_000010/` holding
-  policy/            the policy in Hugging Face layout (model.save), loadable by transformers / vLLM
+  policy/            the policy as a complete Hugging Face model directory (weights, config, tokenizer, chat
+                     template, processor and generation configs): sample.py, eval, transformers and vLLM load it
   optimizer.safetensors + optimizer.json   AdamW state tensors, and its param_groups / step counters
   trainer_state.json step, data cursor, scheduler step, RNG states, the resolved config
 It is written into a hidden temp folder and renamed into place, so a crash mid-save leaves the previous
@@ -98,7 +99,8 @@ def write_json(path: str, obj) -> None:
 
 def save_checkpoint(out_dir: str, step: int, save_policy, optimizer_state: dict, trainer_state: dict,
                     keep_last: int) -> str:
-    """Write step_<step> atomically. `save_policy(path)` writes the HF-layout policy folder."""
+    """Write step_<step> atomically. `save_policy(path)` writes the policy folder, a complete Hugging Face model
+    directory (model.save with extras_from=the run's init model)."""
     root = checkpoint_dir(out_dir)
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"{STEP_PREFIX}{step:06d}")

@@ -166,31 +166,13 @@ def kernel_profile(fn, steps: int, device) -> dict:
             "top_kernels": [{"name": n, "per_call": c / steps, "us_per_call": t / steps} for n, (c, t) in top]}
 
 
-def count_ops(fn) -> dict:
-    """Tensor operations one call of fn dispatches (ATen ops, as a TorchDispatchMode sees them), with and without
-    the views (views launch no kernel)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.all = self.views = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.all += 1
-            self.views += bool(func.is_view)
-            return func(*args, **(kwargs or {}))
-    with Count() as c:
-        fn()
-    return {"ops": c.all, "ops_without_views": c.all - c.views}
-
-
 def cmd_decode(args) -> dict:
     """The engine's decode step on its own: ms per step for 8 / 64 / 256 rows (1 / 8 / 32 groups of G=8 after the
     sampler prompt) at two response-length buckets, CUDA graph vs eager, kernels per step, GPU busy fraction, against
     the bandwidth bound (text weight bytes / measured copy bandwidth)."""
     import engine
     import model as vlm
+    from bench.sampler import count_ops
     device, dtype = setting()
     G, N = args.G, args.N
     net = vlm.load(args.dir, device=device, dtype=dtype)
@@ -336,25 +318,26 @@ def bench_config(args, ckpt: str, **kw):
 
 def cmd_mismatch(args) -> dict:
     """Sampler vs trainer in the trainer's precision (fp32 master weights, bf16 autocast on CUDA): P prompts x G
-    samples of N tokens from the engine, their log-probs recomputed by the training forward (train.micro_logprobs,
+    samples of N tokens from the engine, their log-probs recomputed by the training forward (logprobs.micro_logprobs,
     shared prefix); mean and max |delta| over all rollout tokens, and the token-level KL estimates k1 = E[delta]
     and k3 = E[exp(-delta) + delta - 1] (delta = logp_sampler - logp_train, tokens drawn by the sampler)."""
     import engine
     import model as vlm
-    import train
+    from logprobs import micro_logprobs
+    from parallel import autocast_ctx
     device, _ = setting()
     cfg = bench_config(args, args.dir)
     net = vlm.load(args.dir, device=device, dtype=torch.float32)
     prompts = [{k: v.cpu() for k, v in sampler_prompt(net.config, device, seed=i).items()} for i in range(args.P)]
     eng = engine.Engine(net)
-    with torch.no_grad(), train.autocast_ctx(cfg, device):
+    with torch.no_grad(), autocast_ctx(cfg, device):
         ro = eng.generate(prompts, group_size=args.G, max_new_tokens=args.N, temperature=1.0,
                           prompt_seeds=list(range(args.P)))
     recomputed = torch.zeros_like(ro.logprobs)
     with torch.no_grad():
         for start in range(0, ro.response_ids.shape[0], args.micro):
             rows = list(range(start, min(start + args.micro, ro.response_ids.shape[0])))
-            logp = train.micro_logprobs(net, prompts, ro, rows, cfg, device, 0)[0]
+            logp = micro_logprobs(net, prompts, ro, rows, cfg, device, 0)[0]
             recomputed[rows, :logp.shape[1]] = logp.float().cpu()
     mask = ro.response_mask.bool()
 
@@ -364,7 +347,7 @@ def cmd_mismatch(args) -> dict:
         with torch.no_grad():
             for start in range(0, ro.response_ids.shape[0], args.micro):
                 rows = list(range(start, min(start + args.micro, ro.response_ids.shape[0])))
-                logp = train.micro_logprobs(net, prompts, ro, rows, c, device, 0)[0]
+                logp = micro_logprobs(net, prompts, ro, rows, c, device, 0)[0]
                 lp[rows, :logp.shape[1]] = logp.float().cpu()
         return lp
     delta = (ro.logprobs - recomputed)[mask].double()
@@ -387,20 +370,22 @@ def cmd_mismatch(args) -> dict:
 
 def cmd_grpo(args) -> dict:
     """Full GRPO steps as train.py runs them (fp32 master weights, bf16 autocast, bf16 frozen reference, AdamW,
-    KL 0.01, shared-prefix training forward), P prompts x G x N new tokens, `steps` steps; the last step's time
-    split into rollout, reference forward, policy forward (+ loss), backward, optimizer (clip + AdamW), each
-    phase bracketed by device synchronisations. Rewards are seeded random numbers (the reward is CPU string work)."""
+    KL 0.01, shared-prefix training forward, old log-probs recomputed), P prompts x G x N new tokens, `steps` steps;
+    the last step's time split into rollout, old log-probs, reference forward, policy forward (+ loss), backward,
+    optimizer (clip + AdamW), each phase bracketed by device synchronisations. Rewards are seeded random numbers
+    (the reward is CPU string work)."""
     import engine
     import grpo
     import train
+    from parallel import autocast_ctx, rollout_kv_budget
     device, _ = setting()
     cfg = bench_config(args, args.dir)
     wrapped, net = train.build_policy(args.dir, cfg, device, world=1)
-    ref = train.build_reference(args.dir, cfg, device)
-    optimizer = train.make_optimizer(net, cfg)
+    ref = train.build_reference(args.dir, cfg, device, net)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     scheduler = train.make_scheduler(optimizer, cfg, args.steps)
     prompts = [{k: v.cpu() for k, v in sampler_prompt(net.config, device, seed=i).items()} for i in range(args.P)]
-    eng = engine.Engine(net, kv_budget_bytes=train.rollout_kv_budget(cfg, net, device))
+    eng = engine.Engine(net, kv_budget_bytes=rollout_kv_budget(cfg, net, device))
     phases = {}
 
     def timed(owner, name, label):
@@ -416,7 +401,8 @@ def cmd_grpo(args) -> dict:
                 sync(device)
                 phases[key] = phases.get(key, 0.0) + time.perf_counter() - t
         setattr(owner, name, wrapper)
-    timed(train, "micro_logprobs", lambda model, *a, **k: "reference forward" if model is ref else "policy forward")
+    timed(train, "micro_logprobs", lambda model, *a, **k: "reference forward" if model is ref.model else "policy forward")
+    timed(train, "behaviour_logprobs", "old log-probs (recomputed under bf16)")
     timed(torch.Tensor, "backward", "backward")
     timed(torch.nn.utils, "clip_grad_norm_", "optimizer (clip + AdamW)")
     timed(type(optimizer), "step", "optimizer (clip + AdamW)")
@@ -427,14 +413,16 @@ def cmd_grpo(args) -> dict:
         phases.clear()
         sync(device)
         t0 = time.perf_counter()
-        with train.RolloutPolicy(wrapped, net, False), torch.no_grad(), train.autocast_ctx(cfg, device):
+        with train.RolloutPolicy(wrapped, net, False), torch.no_grad(), autocast_ctx(cfg, device):
             ro = eng.generate(prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                               temperature=cfg.temperature, prompt_seeds=[step * 1000 + i for i in range(args.P)])
         sync(device)
         phases["rollout"] = time.perf_counter() - t0
-        rew = torch.rand(ro.response_ids.shape[0], generator=gen)
-        adv = grpo.group_advantages(rew, cfg.group_size)
-        train.train_on_rollouts(wrapped, ref, optimizer, scheduler, prompts, ro, adv, cfg, device, 1, 0)
+        B = ro.response_ids.shape[0]
+        batch = dict(ids=list(range(args.P)), prompts=prompts, ro=ro, reward=torch.rand(B, generator=gen),
+                     comps=[{}] * B, labels=[{}] * B)
+        train.grpo_update(wrapped, ref, optimizer, scheduler, grpo.FixedKLController(cfg.kl_coef), batch, cfg, device,
+                          0, 1, 0)
         sync(device)
         steps.append({"step_s": time.perf_counter() - t0, "phases": dict(phases),
                       "tokens": int(ro.response_mask.sum()), "rollout_stats": {

@@ -171,7 +171,7 @@ def profile_ours(ref_holder: dict):
     import grpo
     import train
     P = PHASES
-    P.wrap(train, "encode_records", "prompt encoding (chat template, image patches)")
+    P.wrap(train, "encode", "prompt encoding (chat template, image patches)")
     P.wrap(train, "rollout", "rollout total (generate + decode + reward)")
     P.wrap(engine, "prefill", "  prefill (vision + prompt)")
     P.wrap(engine.Decoder, "forward", "  decode forwards")
@@ -205,7 +205,7 @@ def profile_trl():
 
 def run_ours(ckpt: str, kl: float, steps: int, warmup: int, threads: int, profile: bool = False,
              lockstep: bool = False) -> dict:
-    """The real training code: train.rollout -> grpo.group_advantages -> train.train_on_rollouts, as main() runs a step."""
+    """The real training code: train.rollout -> train.grpo_update, as main() runs a step."""
     import torch
 
     import grpo
@@ -227,9 +227,9 @@ def run_ours(ckpt: str, kl: float, steps: int, warmup: int, threads: int, profil
     record = Record(id="bench/0", prompt=make_prompt(processor, image), images=[image], labels=LABELS,
                     subset="bench", meta={})
     wrapped, net = train.build_policy(ckpt, cfg, device, world=1)
-    ref_model = train.build_reference(ckpt, cfg, device) if kl > 0 else None
+    ref_model = train.build_reference(ckpt, cfg, device, net)  # None without a KL term
     if profile:
-        profile_ours({"ref": ref_model})
+        profile_ours({"ref": ref_model and ref_model.model})
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = train.make_scheduler(optimizer, cfg, steps + warmup)
     reward_fn = rewards.resolve_reward("paper")
@@ -239,15 +239,13 @@ def run_ours(ckpt: str, kl: float, steps: int, warmup: int, threads: int, profil
     engine = train.Engine(net)  # kept across steps, as main() keeps it
     for step in range(warmup + steps):
         clock.begin()
-        prompts = train.encode_records(processor, [record], cfg)  # main() encodes every step, as TRL does
-        with train.RolloutPolicy(wrapped, net, False):
-            ro, texts, rew, comps = train.rollout(engine, processor, prompts, [LABELS], cfg, step, [0], reward_fn, device)
-        advantages = grpo.group_advantages(rew, cfg.group_size, scale=cfg.adv_scale)
-        train.train_on_rollouts(wrapped, ref_model, optimizer, scheduler, prompts, ro, advantages, cfg, device,
-                                1, processor.pad_token_id)
+        with train.RolloutPolicy(wrapped, net, False):  # the prompt is encoded every step, as main() and TRL do
+            batch = train.rollout(engine, processor, [record], [0], cfg, step, reward_fn, device)
+        train.grpo_update(wrapped, ref_model, optimizer, scheduler, grpo.FixedKLController(kl), batch, cfg, device, 0,
+                          1, processor.pad_token_id)
         clock.end()
-        lengths.append(float(ro.response_mask.sum(1).mean()))
-    return _result(clock, lengths, rss_loaded, prompt_len=prompts[0]["input_ids"].numel())
+        lengths.append(float(batch["ro"].response_mask.sum(1).mean()))
+    return _result(clock, lengths, rss_loaded, prompt_len=batch["prompts"][0]["input_ids"].numel())
 
 
 def run_trl(ckpt: str, kl: float, steps: int, warmup: int, threads: int, profile: bool = False,

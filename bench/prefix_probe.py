@@ -1,5 +1,5 @@
 """The training forward with each prompt (and its image) computed once per group (`--shared_prefix`, the default,
-model/prefix.py) vs once per sample: train.micro_logprobs both ways on grpo_step.py's model and setting; same
+model/prefix.py) vs once per sample: logprobs.micro_logprobs both ways on grpo_step.py's model and setting; same
 log-probs and gradients, and the CPU time of forward + backward.
 
     .venv/bin/python bench/prefix_probe.py [--ckpt runs/bench/grpo_step_model] [--threads 2] [--runs 3]
@@ -27,7 +27,7 @@ def main(argv=None):
 
     import model as vlm
     import sample
-    import train
+    import logprobs
     from bench.grpo_step import GROUP_SIZE, NEW_TOKENS, build_checkpoint, make_image, make_prompt
     from config import Config
     build_checkpoint(args.ckpt)
@@ -44,7 +44,7 @@ def main(argv=None):
     def forward(shared: bool):
         cfg = Config(model=args.ckpt, data="bench", prompts_per_step=1, mini_batch_prompts=1, shared_prefix=shared,
                      micro_batch_size=GROUP_SIZE, max_new_tokens=NEW_TOKENS, device="cpu", dtype="fp32")
-        return lambda: train.micro_logprobs(net, [prompt], ro, rows, cfg, device, processor.pad_token_id)[0]
+        return lambda: logprobs.micro_logprobs(net, [prompt], ro, rows, cfg, device, processor.pad_token_id)[0]
 
     results = {}
     for name, fn in (("prompt in every row (--shared_prefix=false)", forward(False)),

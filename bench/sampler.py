@@ -45,18 +45,12 @@ def bench_config():
 
 
 def make_checkpoint(path):
-    """The same random weights for both engines: an HF model, scrambled, saved; ours loads that directory."""
-    from transformers import Qwen3VLConfig as HFConfig
-    from transformers import Qwen3VLForConditionalGeneration as HFModel
-
-    from model.tiny import scramble_
-    d = bench_config().to_hf_dict()
-    for key in ("architectures", "model_type", "dtype"):
-        d.pop(key)
-    torch.manual_seed(0)
-    hf = scramble_(HFModel(HFConfig(**d)), seed=0, scale=0.05)
-    hf.save_pretrained(path)
-    return sum(p.numel() for p in hf.parameters())
+    """The same random weights for both engines: seeded weights saved in the Hugging Face layout, which ours and
+    transformers' Qwen3VLForConditionalGeneration each load."""
+    import model
+    net = model.Qwen3VL(bench_config()).init_weights(std=0.05, seed=0)
+    model.save(net, path)
+    return sum(p.numel() for p in net.parameters())
 
 
 def make_prompt(prompt_len):
@@ -95,17 +89,18 @@ class PeakRSS:
         self.growth = self.peak - self.start
 
 
-def run_ours(path, prompt, G, N, share_prefix=True):
+def run_ours(path, prompt, G, N):
+    """The rollout engine, kept across calls as the trainer keeps it (its buffers are reused)."""
+    import engine
     import model
-    import sample
     net = model.load(path)
+    eng = engine.Engine(net)
 
     def call():
-        ro = sample.generate(net, [prompt], group_size=G, max_new_tokens=N, temperature=1.0, seed=0,
-                             share_prefix=share_prefix)
+        ro = eng.generate([prompt], group_size=G, max_new_tokens=N, temperature=1.0, seed=0)
         assert int(ro.response_mask.sum()) == G * N
         return ro.stats["kv_cache_bytes"]
-    call.greedy = lambda n: sample.generate(net, [prompt], 1, n, temperature=0.0).response_ids[0].tolist()
+    call.greedy = lambda n: engine.Engine(net).generate([prompt], 1, n, temperature=0.0).response_ids[0].tolist()
     return call
 
 
@@ -137,6 +132,46 @@ def run_hf(path, prompt, G, N):
     return call
 
 
+def count_ops(fn) -> dict:
+    """Tensor operations one call of fn dispatches (ATen ops as a TorchDispatchMode sees them), with and without
+    the views (a view launches no kernel)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.all = self.views = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.all += 1
+            self.views += bool(func.is_view)
+            return func(*args, **(kwargs or {}))
+    with Count() as c:
+        fn()
+    return {"ops": c.all, "ops_without_views": c.all - c.views}
+
+
+def decode_step_ops(layers: int, G: int = 8) -> dict:
+    """Ops of one engine decode step for G rows of a bench_config model with `layers` decoder layers (the count does
+    not depend on the width), after the reference prompt."""
+    import dataclasses
+
+    import engine
+    from model.qwen3_vl import Qwen3VL
+    cfg = bench_config()
+    cfg.text = dataclasses.replace(cfg.text, num_hidden_layers=layers)
+    net = Qwen3VL(cfg).init_weights(seed=0).eval()
+    eng = engine.Engine(net)
+    prompt = make_prompt(256)
+    eng.generate([prompt], group_size=G, max_new_tokens=16)
+    st = eng.state
+    st.reset()
+    st.admit([0], [prompt], engine.row_keys(0, 1, G), 0)
+    st.rows, st.length = G, 8
+    with torch.no_grad():
+        return count_ops(st.step)
+
+
 def child(args):
     """One setting, all engines in this process. --measure time: runs interleaved (ours, hf, ours, hf, ...) so that
     load on the machine hits them alike; --measure memory: one run each under the RSS watcher. Prints one JSON
@@ -144,7 +179,6 @@ def child(args):
     torch.set_num_threads(args.threads)
     prompt = make_prompt(args.prompt_len)
     makers = {"ours": lambda: run_ours(args.path, prompt, args.G, args.N),
-              "ours_no_sharing": lambda: run_ours(args.path, prompt, args.G, args.N, share_prefix=False),
               "hf": lambda: run_hf(args.path, prompt, args.G, args.N)}
     calls = {name: makers[name]() for name in args.engines.split(",")}
     out = {name: {} for name in calls}
@@ -179,8 +213,9 @@ def main():
     ap.add_argument("--G", type=int, default=8, help="group size (HF: num_return_sequences)")
     ap.add_argument("--N", type=int, default=128, help="new tokens per sample")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    ap.add_argument("--engines", default="ours,hf",
-                    help="any of ours, hf, ours_no_sharing (sample.py prefilling the prompt G times)")
+    ap.add_argument("--engines", default="ours,hf", help="ours and/or hf")
+    ap.add_argument("--ops_layers", type=int, default=28,
+                    help="also count the tensor ops of one decode step of a model this deep (0: skip)")
     ap.add_argument("--engine", help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--prompt_len", type=int, help=argparse.SUPPRESS)
@@ -219,13 +254,17 @@ def main():
                       f"{', '.join(f'{t:.2f}' for t in d['times'])})  {args.G * args.N / cpu:7.1f} tokens/CPU-s  "
                       f"peak RSS +{d['peak_rss_growth'] / 2**20:6.1f} MiB  KV cache {d['kv_bytes'] / 2**20:6.2f} MiB",
                       flush=True)
+    if args.ops_layers:
+        ops = decode_step_ops(args.ops_layers, args.G)
+        print(f"one decode step of {args.G} rows, {args.ops_layers} decoder layers: {ops['ops_without_views']} "
+              f"tensor ops ({ops['ops']} counting views)", flush=True)
     print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on "
           f"{os.cpu_count()} CPUs")
     if "hf" in args.engines and "ours" in args.engines:
         lens = [int(x) for x in args.prompt_lens.split(",")]
         for k, what in ((0, "wall-clock tokens/s"), (1, "tokens per CPU-second")):
             ratios = ", ".join(f"{T}-token prompt {results[T, 'ours'][k] / results[T, 'hf'][k]:.2f}x" for T in lens)
-            print(f"ratio sample.py / HF generate ({what}): {ratios}")
+            print(f"ratio ours / HF generate ({what}): {ratios}")
 
 
 if __name__ == "__main__":

@@ -96,3 +96,34 @@ def warm_start(model, processor, examples, steps: int, lr: float, batch_size: in
             log(f"warm start {step + 1}/{steps}: loss {losses[-1]:.4f} lr {sched.get_last_lr()[0]:.2e}")
     model.eval()
     return losses
+
+
+def prepare_toy_model(cfg, rank: int, device) -> str:
+    """The toy run's initial model: build the toy checkpoint and run the supervised warm start once (rank 0; a
+    rerun finds it on disk). Returns the warm-started model directory, a complete Hugging Face model."""
+    import os
+    import random
+    import time
+
+    import model as vlm
+    from data import toy
+    from parallel import barrier
+    init_dir, ws_dir = os.path.join(cfg.out_dir, "toy_init"), os.path.join(cfg.out_dir, "warmstart")
+    if rank == 0 and not os.path.isfile(os.path.join(ws_dir, "config.json")):
+        if not os.path.isfile(os.path.join(init_dir, "config.json")):
+            toy.build_checkpoint(init_dir, seed=cfg.seed)
+        net, processor = vlm.load(init_dir, device=device, dtype=torch.float32), vlm.load_processor(init_dir)
+        rng = random.Random(cfg.seed)
+        examples = [(r, toy.warmstart_response(r, rng)) for r in toy.records(cfg.train_split, cfg.toy_train_size,
+                                                                             cfg.seed)]
+        t0 = time.time()
+        warm_start(net, processor, examples, steps=cfg.warmstart_steps, lr=cfg.warmstart_lr,
+                   batch_size=cfg.warmstart_batch_size, seed=cfg.seed)
+        print(f"warm start: {cfg.warmstart_steps} steps in {time.time() - t0:.0f}s", flush=True)
+        tmp = ws_dir + ".tmp"
+        vlm.save(net, tmp)
+        processor.save(tmp)
+        os.replace(tmp, ws_dir)
+    barrier()
+    return ws_dir
+

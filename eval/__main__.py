@@ -2,6 +2,7 @@
 
     python -m eval --model DIR --benchmark figstep --data SafeBench-Tiny.csv --image_root images/ \
         --text_prompt_file figstep_prompt.txt --out runs/eval/figstep [--judge keyword] [--judge http://host:8000/v1]
+    python -m eval --model runs/toy/final --benchmark toy --out runs/eval/toy   # the toy world's held-out split
 Without --model it judges the outputs already saved in --out again (no regeneration). The benchmarks, judges and
 metrics: docs/method.md#evaluation-protocol.
 """
@@ -9,6 +10,7 @@ import argparse
 import os
 import sys
 
+from config import TOY_PRESET
 from data.files import read_jsonl
 from eval.benchmarks import LOADERS, MMSB_KINDS, VLGUARD_SUBSETS, BenchmarkError, read_prompt_file
 from eval.generate import read_settings
@@ -17,6 +19,7 @@ from eval.report import build_report, write_report
 from eval.templates import make_router
 
 DTYPES = ("float32", "bfloat16", "float16")
+PAPER_MAX_NEW_TOKENS = 4096     # the paper's response budget
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,10 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", required=True, choices=sorted(LOADERS), help="which benchmark")
     p.add_argument("--out", required=True, help="output folder: outputs.jsonl, judgments/, report.{json,md,png}")
     p.add_argument("--model", default=None, help="checkpoint folder (Hugging Face layout); omit to re-judge saved outputs")
-    p.add_argument("--data", default=None, help="the benchmark's file or folder in its native format")
+    p.add_argument("--data", default=None, help="the benchmark's file or folder in its native format (not for toy)")
     p.add_argument("--image_root", default=None, help="the folder the benchmark's image paths are relative to")
     g = p.add_argument_group("benchmark options")
-    g.add_argument("--split", default="test", help="SafeTag split")
+    g.add_argument("--split", default="test", help="SafeTag or toy split")
+    g.add_argument("--toy_size", type=int, default=TOY_PRESET["toy_eval_size"],
+                   help="toy: records in the split (train.py's --toy_eval_size)")
+    g.add_argument("--toy_seed", type=int, default=0, help="toy: the world's seed (train.py's --seed)")
     g.add_argument("--kinds", default=",".join(MMSB_KINDS), help="MM-SafetyBench image kinds, comma-separated")
     g.add_argument("--scenarios", default=None, help="MM-SafetyBench scenarios (names or 2-digit codes), comma-separated")
     g.add_argument("--ids_file", default=None, help="MM-SafetyBench TinyVersion_ID_List.json to keep the Tiny subset")
@@ -40,14 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="torch device")
     g.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype")
     g.add_argument("--batch_size", type=int, default=8, help="records per generation batch")
-    g.add_argument("--max_new_tokens", type=int, default=4096, help="response budget in tokens")
+    g.add_argument("--max_new_tokens", type=int, default=None,
+                   help=f"response budget in tokens (default {PAPER_MAX_NEW_TOKENS}, the paper's; toy: "
+                        f"{TOY_PRESET['max_new_tokens']}, as the toy world trains)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (temperature > 0)")
     g.add_argument("--top_k", type=int, default=0, help="top-k sampling, 0 = off (temperature > 0)")
     g.add_argument("--group_size", type=int, default=1,
                    help="G: responses per record, as in training (needs temperature > 0)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
-    g.add_argument("--no_step_guided", action="store_true", help="send the bare question, without the step-guided instruction")
+    g.add_argument("--no_step_guided", action="store_true",
+                   help="send the bare question, without the step-guided instruction (toy: always bare, as it trains)")
     g.add_argument("--prompt_file", default=None, help="your own step-guided instruction (a text file)")
     g = p.add_argument_group("judging")
     g.add_argument("--judge", action="append", default=None, metavar="keyword|choice|URL",
@@ -78,6 +87,9 @@ def _csv(s: str | None) -> list[str] | None:
 
 def load_records(args):
     """The benchmark's records, from --data and --image_root, with the options that benchmark takes."""
+    if args.benchmark == "toy":    # drawn in code: no files
+        records = LOADERS["toy"](args.split, args.toy_size, args.toy_seed)
+        return records[:args.limit] if args.limit is not None else records
     if args.data is None:
         raise BenchmarkError(f"--data is required to generate (the {args.benchmark} file or folder)")
     if not os.path.exists(args.data):
@@ -109,9 +121,15 @@ def generate(args, path: str) -> list[dict]:
     import model as model_lib
     from eval.generate import GenerationConfig, generate_outputs
 
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+    # The toy world trains on bare questions with short responses (config.TOY_PRESET): evaluated the same way.
+    toy = args.benchmark == "toy"
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = TOY_PRESET["max_new_tokens"] if toy else PAPER_MAX_NEW_TOKENS
+    step_guided = not args.no_step_guided and (TOY_PRESET["step_guided"] if toy else True)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, group_size=args.group_size, seed=args.seed,
-                              step_guided=not args.no_step_guided, prompt_file=args.prompt_file)
+                              step_guided=step_guided, prompt_file=args.prompt_file)
     records = load_records(args)
     print(f"{args.benchmark}: {len(records)} records", file=sys.stderr)
 
@@ -184,6 +202,9 @@ def run(args) -> dict:
                 print(f"{name}: {m['metric']} [{m['group']}] = {100 * m['rate']:.2f}% "
                       f"({m['k']}/{m['n']}, 95% CI {100 * m['low']:.1f}-{100 * m['high']:.1f}, "
                       f"unparsed {m['unparsed']})")
+    if report["reward_metrics"]:
+        print("rule reward: " + " ".join(f"{k}={v:.3f}" for k, v in report["reward_metrics"].items()
+                                         if isinstance(v, float)))
     print("report: " + ", ".join(paths.values()))
     return report
 
@@ -192,7 +213,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (BenchmarkError, JudgeError, FileNotFoundError, ValueError) as e:
+    except (BenchmarkError, JudgeError, OSError, ValueError) as e:     # OSError: a file missing or unreadable
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

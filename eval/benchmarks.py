@@ -1,5 +1,5 @@
 """Loaders for the safety benchmarks in their native formats (docs/method.md#evaluation-protocol lists them;
-tests/data/ holds a few real rows of each).
+tests/data/ holds a few real rows of each), and the toy world's held-out split.
 
 Each loader reads the benchmark's own files and returns a `RecordList` of `data.record.Record`s; images are
 checked up front (a missing file is an error naming it) and decoded only when a record is taken.
@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 from PIL import Image
 
+from config import TOY_PRESET
 from data.record import Record
 
 MMSB_KINDS = ("SD", "SD_TYPO", "TYPO")
@@ -362,6 +363,19 @@ def load_safetag(path: str, image_root: str | None = None, split: str = "test") 
     return RecordList.from_records(records)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The toy world (data/toy.py): drawn in code from (split, size, seed), no files. Its labels are the reward's
+# (image_tag, text_tag, combine_tag) and its subsets the world's five, so the report scores the responses with the
+# rule reward as train.py's held-out evaluation does (eval/metrics.py reward_metrics).
+
+def load_toy(split: str = "test", size: int = TOY_PRESET["toy_eval_size"], seed: int = 0) -> RecordList:
+    """The records train.py evaluates a toy run on with --toy_eval_size=size --seed=seed (the preset: 300, seed 0)."""
+    from data import toy
+    if size < 1:
+        raise BenchmarkError(f"toy: the split size must be >= 1, got {size}")
+    return RecordList.from_records(toy.records(split, size, seed))
+
+
 def read_prompt_file(path: str) -> str:
     """Read a prompt text file: the part between -----BEGIN PROMPT----- and -----END PROMPT----- when those
     markers exist (the format of the shared benchmark files), else the file minus leading '#' lines."""
@@ -389,4 +403,5 @@ LOADERS = {
     "mossbench": load_mossbench,
     "mossbench-contrast": lambda path, image_root: load_mossbench(path, image_root, subset="contrast"),
     "vlsbench": load_vlsbench,
+    "toy": load_toy,
 }

@@ -5,7 +5,7 @@ import math
 import os
 from collections import Counter
 
-from eval.metrics import compute_metrics
+from eval.metrics import compute_metrics, reward_metrics
 
 
 def build_report(benchmark: str, rows: list[dict], judged: dict, generation: dict | None = None) -> dict:
@@ -13,7 +13,7 @@ def build_report(benchmark: str, rows: list[dict], judged: dict, generation: dic
     report = {"benchmark": benchmark, "n_outputs": len(rows), "n_records": len({r["id"] for r in rows}),
               "answer_sources": dict(Counter(r.get("answer_source", "") for r in rows)),
               "finish_reasons": dict(Counter(r.get("finish_reason", "") for r in rows)),
-              "generation": generation, "judges": {}}
+              "generation": generation, "reward_metrics": reward_metrics(rows), "judges": {}}
     for name, (settings, judgments) in judged.items():
         unparsed = [j for j in judgments if j["label"] is None]
         report["judges"][name] = {
@@ -28,6 +28,10 @@ def build_report(benchmark: str, rows: list[dict], judged: dict, generation: dic
 
 def _pct(x: float) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+
+
+def _value(v) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def _table(metrics: list[dict]) -> list[str]:
@@ -57,6 +61,11 @@ def to_markdown(report: dict) -> str:
             prompt = f"on ({gen['prompt_file']})" if gen.get("prompt_file") else "on (data/prompt.py)"
         out += [f"Generation: model `{gen.get('model', '')}`, {decoding}, max {gen.get('max_new_tokens')} new tokens, "
                 f"{gen.get('group_size', 1)} sample(s) per record, step-guided prompt {prompt}.", ""]
+    if report.get("reward_metrics"):
+        out += ["## Rule reward", "", "The responses scored by the paper's rule reward against the reference tags, as "
+                "train.py's held-out evaluation scores them (a refusal is what the reward's keyword rule calls one).",
+                "", "| metric | value |", "|---|---|"]
+        out += [f"| {k} | {_value(v)} |" for k, v in report["reward_metrics"].items()] + [""]
     out += ["Rates are shares of judged responses with 95% Wilson intervals; unparsed verdicts are left out of n "
             "and counted. Safety score = 100 - ASR (attack success rate).", ""]
     for name, j in report["judges"].items():

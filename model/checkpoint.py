@@ -2,18 +2,24 @@
 listed in model.safetensors.index.json. Weights only through safetensors (never pickle), no remote code.
 
     model = load("/path/Qwen3-VL-8B-Thinking", device="cuda", dtype=torch.bfloat16)
-    save(model, "runs/step100/policy", max_shard_size="5GB")
+    save(model, "runs/step100/policy", extras_from="/path/Qwen3-VL-8B-Thinking")   # a complete model directory
+
+A complete model directory also holds the tokenizer, chat template, image-processor settings and generation
+defaults (PROCESSOR_FILES, generation_config.json): transformers' processor and model classes, vLLM, sample.py
+and `python -m eval` load it as it is. `save(..., extras_from=DIR)` copies them from the directory the model came
+from (copy_model_files).
 """
 import json
 import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .decoder import FusedLinear
@@ -26,6 +32,13 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # Non-persistent buffers some exporters saved anyway; we recompute them.
 IGNORED_KEYS = re.compile(r".*(rotary_emb|rotary_pos_emb)\.inv_freq$")
+# What a model directory holds besides config.json and the weights, as the Qwen-VL releases ship it: the tokenizer
+# (tokenizer.json, or vocab.json + merges.txt), the chat template (inline in tokenizer_config.json, or a file of its
+# own) and the image / video processor settings.
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+                   "video_preprocessor_config.json", "processor_config.json")
+GENERATION_CONFIG = "generation_config.json"
 
 
 def read_config(path):
@@ -33,13 +46,27 @@ def read_config(path):
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: no config.json (is {path} a Hugging Face checkpoint dir?)")
-    with open(config_path) as f:
-        d = json.load(f)
+    d = _read_json_object(config_path)
     model_type = d.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ValueError(f"{config_path}: unknown model_type {model_type!r}; supported: {sorted(ARCHITECTURES)}")
     cls = ARCHITECTURES[model_type]
-    return cls, cls.config_class.from_hf_dict(d)
+    try:
+        return cls, cls.config_class.from_hf_dict(d)
+    except (KeyError, TypeError, ValueError) as e:  # a field missing, of the wrong type, or inconsistent
+        raise ValueError(f"{config_path}: not a valid {model_type} config: {type(e).__name__}: {e}") from e
+
+
+def _read_json_object(file: Path) -> dict:
+    try:
+        with open(file, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e}); the file is damaged, restore it from the "
+                         f"checkpoint it came from") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(d).__name__}")
+    return d
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -111,7 +138,7 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
 
     state, unexpected, source = {}, [], {}
     for file in _weight_files(path):
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
+        with _open_weights(file, device) as f:
             for key in f.keys():
                 ours = _ours(key, cls.hf_key_prefixes)
                 if IGNORED_KEYS.match(key) or (ours == "lm_head.weight" and ours not in expected):
@@ -126,7 +153,10 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
                 if shape != want:
                     raise ValueError(f"{file}: tensor {key} has shape {list(shape)}, the model "
                                      f"(config.json) expects {list(want)}")
-                t = f.get_tensor(key)
+                try:
+                    t = f.get_tensor(key)
+                except SafetensorError as e:
+                    raise ValueError(f"{file}: tensor {key} cannot be read ({e}); the file is damaged") from e
                 state[ours] = t.to(dtype) if t.is_floating_point() else t
                 source[ours] = file.name
     missing = sorted(set(expected) - set(state))
@@ -139,6 +169,16 @@ def load(path, device="cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()  # assign=True replaced the embedding Parameter; point lm_head at the new one
     return model.eval()
+
+
+def _open_weights(file: Path, device):
+    """safe_open, with an error that names the file: a truncated download or a file cut short by a full disk fails
+    here, when safetensors reads its header and checks that the data covers it."""
+    try:
+        return safe_open(str(file), framework="pt", device=str(device))
+    except SafetensorError as e:
+        raise ValueError(f"{file} is not a readable safetensors file ({e}): it is truncated or corrupted; copy it "
+                         f"again from its source, or save the model again") from e
 
 
 def parse_size(size) -> int:
@@ -172,10 +212,13 @@ def _hf_state(model: nn.Module, state_dict=None) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(model: nn.Module, path, max_shard_size="5GB", state_dict: dict | None = None) -> None:
+def save(model: nn.Module, path, max_shard_size="5GB", state_dict: dict | None = None,
+         extras_from=None) -> None:
     """Write config.json + safetensors (sharded with an index above max_shard_size) to path, atomically.
 
     state_dict: full tensors under our names, when the model's own are sharded (e.g. gathered from FSDP).
+    extras_from: the model directory the weights came from (the input checkpoint); its tokenizer, chat template,
+    processor settings and generation config are copied along (copy_model_files), making path complete.
 
     Everything is written (and fsynced) to a temporary sibling directory that is then renamed into place:
     a crash leaves the old checkpoint (at path, or for an instant under a `.NAME.old-*` sibling) or the
@@ -195,9 +238,9 @@ def save(model: nn.Module, path, max_shard_size="5GB", state_dict: dict | None =
         size += nbytes
     shards.append(current)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with _new_dir(path) as tmp:
+        if extras_from is not None:  # first: a source without a processor fails before the weights are written
+            copy_model_files(extras_from, tmp)
         dtype = str(model.dtype).removeprefix("torch.")
         with open(tmp / "config.json", "w") as f:
             json.dump(model.config.to_hf_dict(dtype=dtype), f, indent=2)
@@ -212,6 +255,41 @@ def save(model: nn.Module, path, max_shard_size="5GB", state_dict: dict | None =
             total = sum(t.numel() * t.element_size() for t in state.values())
             with open(tmp / INDEX_NAME, "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def copy_model_files(source, path) -> None:
+    """Copy the tokenizer, chat template and processor settings (PROCESSOR_FILES) of the model directory `source`
+    into the directory `path`, and write generation_config.json: the source's (sampling defaults kept) with eos =
+    the processor's stop tokens (<|im_end|>, <|endoftext|>) and pad = its pad token, so that transformers' generate
+    stops where our sampler does (a config written by transformers from a model config may name ids the tokenizer
+    does not have). A chat template kept only in tokenizer_config.json also goes to chat_template.jinja, where
+    transformers' processor classes read it.
+
+    The source must hold a processor that model.load_processor reads (errors name the missing or broken file)."""
+    from .processor import CHAT_TEMPLATE_FILES, load_processor, write_chat_template  # the tokenizer stack: only here
+    source, path = Path(source), Path(path)
+    processor = load_processor(str(source))
+    for name in PROCESSOR_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, path / name)
+    if not any((source / name).is_file() for name in CHAT_TEMPLATE_FILES):
+        write_chat_template(processor.tokenizer, str(path))
+    generation = _read_json_object(source / GENERATION_CONFIG) if (source / GENERATION_CONFIG).is_file() else {}
+    generation.pop("_from_model_config", None)  # set by transformers: "re-derive me from config.json"; not any more
+    generation.update(eos_token_id=processor.stop_token_ids, pad_token_id=processor.pad_token_id)
+    with open(path / GENERATION_CONFIG, "w") as f:
+        json.dump(generation, f, indent=2)
+
+
+@contextmanager
+def _new_dir(path: Path):
+    """`with _new_dir(path) as tmp:` write a model directory into tmp, a hidden sibling of path; on success it is
+    synced to disk and renamed to path (_swap_into_place), on any error removed: path is never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        _share(tmp)
         for file in tmp.iterdir():
             _fsync(file)
         _fsync(tmp)
@@ -219,6 +297,16 @@ def save(model: nn.Module, path, max_shard_size="5GB", state_dict: dict | None =
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _share(tmp: Path) -> None:
+    """Permissions as for any new file (the umask's): mkdtemp makes the directory private (0700), and a model
+    directory is often read by another user or a serving container."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    for file in tmp.iterdir():
+        os.chmod(file, 0o666 & ~umask)  # safetensors writes its files 0600
 
 
 def _standalone(t: torch.Tensor) -> torch.Tensor:

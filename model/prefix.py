@@ -9,7 +9,7 @@ Two passes through the model's cache interface (kv_cache.py), with autograd kept
      the R response tokens directly, one lm_head call (no (B, R, V) concatenation, no second logits copy).
 Gradients from the G rows flow back into the one prompt pass and add up, which is what G copies of the prompt
 would have received. Equal to the per-row forward up to float rounding (tests/test_prefix.py): positions come
-from rope_index on the whole prompt (responses continue after its largest M-RoPE position, as in train.collate),
+from rope_index on the whole prompt (responses continue after its largest M-RoPE position, as in logprobs.collate),
 same masks, same image features. The prompt's last token (text: the chat template's assistant header) is
 computed G times instead of once, which is nothing next to the prompt.
 """

@@ -9,6 +9,7 @@ import json
 import math
 import os
 
+import einops
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -18,6 +19,7 @@ from .tokenizer import save_tokenizer
 
 IMAGE_MARKER = "<image>"            # in Processor.encode's text: where the next image goes
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")   # the processor's own copy of the template
 
 # What transformers' Qwen2VLImageProcessor (the image processor Qwen3-VL uses) falls back to for a key that
 # preprocessor_config.json leaves out. Loading uses these so that we read a directory exactly as transformers does.
@@ -82,13 +84,11 @@ def patchify(image: np.ndarray, patch_size: int, temporal_patch_size: int, merge
     """(C, H, W) -> (grid_h * grid_w, C * tp * p * p) in transformers' order: patches grouped by merge window
     (row-major windows, row-major patches inside each), each patch flattened as (C, t, ph, pw); a still image
     is repeated temporal_patch_size times along t."""
-    C, H, W = image.shape
-    grid_h, grid_w = H // patch_size, W // patch_size
-    m, p = merge_size, patch_size
-    x = image.reshape(C, grid_h // m, m, p, grid_w // m, m, p)
-    x = x.transpose(1, 4, 2, 5, 0, 3, 6)                              # (gh/m, gw/m, m, m, C, p, p)
-    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], temporal_patch_size, p, p))
-    return x.reshape(grid_h * grid_w, C * temporal_patch_size * p * p), grid_h, grid_w
+    _, H, W = image.shape
+    # h, w: merge windows; mh, mw: patches inside a window; ph, pw: pixels inside a patch; t: the repeated frame
+    x = einops.repeat(image, "c (h mh ph) (w mw pw) -> (h w mh mw) (c t ph pw)",
+                      mh=merge_size, mw=merge_size, ph=patch_size, pw=patch_size, t=temporal_patch_size)
+    return x, H // patch_size, W // patch_size
 
 
 class Processor:
@@ -223,10 +223,19 @@ class Processor:
         return cfg
 
     def save(self, path: str) -> None:
-        """Write the tokenizer files and preprocessor_config.json into `path` (a Hugging Face processor dir)."""
+        """Write the tokenizer files, chat_template.jinja and preprocessor_config.json into `path` (a Hugging Face
+        processor dir)."""
         save_tokenizer(self.tokenizer, path)
+        write_chat_template(self.tokenizer, path)
         with open(os.path.join(path, PREPROCESSOR_CONFIG), "w") as f:
             json.dump(self.image_config(), f, indent=2)
+
+
+def write_chat_template(tokenizer, path: str) -> None:
+    """chat_template.jinja: transformers' processor classes (AutoProcessor, Qwen3VLProcessor) read the template only
+    from a file of its own, not from tokenizer_config.json, where the tokenizer keeps its copy."""
+    with open(os.path.join(path, CHAT_TEMPLATE_FILES[0]), "w", encoding="utf-8") as f:
+        f.write(tokenizer.chat_template)
 
 
 def read_image_settings(config: dict, where: str) -> dict:
@@ -279,13 +288,17 @@ def load_processor(path: str) -> Processor:
                        if os.path.isfile(os.path.join(path, f))]
     if "tokenizer.json" not in tokenizer_files and not {"vocab.json", "merges.txt"} <= set(tokenizer_files):
         raise FileNotFoundError(f"no tokenizer in {path}: expected tokenizer.json (or vocab.json + merges.txt)")
-    if "tokenizer_config.json" in tokenizer_files:  # small: check it here so a broken one is named exactly
-        tok_cfg_file = os.path.join(path, "tokenizer_config.json")
+    # AutoTokenizer reads these two as well; both are small: check them here, so that a broken one is named
+    # exactly instead of surfacing as a tokenizer error.
+    for name in ("tokenizer_config.json", "config.json"):
+        json_file = os.path.join(path, name)
+        if not os.path.isfile(json_file):
+            continue
         try:
-            with open(tok_cfg_file) as f:
+            with open(json_file, encoding="utf-8") as f:
                 json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{tok_cfg_file} is not valid JSON: {e}") from e
+            raise ValueError(f"{json_file} is not valid JSON: {e}") from e
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:

@@ -28,7 +28,7 @@ def build_tiny(arch: str = "qwen3_vl"):
     built in code; weights scrambled far from a fresh init, so a swapped bias or norm would show."""
     import model
     from model.processor import Processor
-    from model.tiny import scramble_, tiny_qwen2_5vl_config, tiny_qwen3vl_config
+    from tiny import scramble_, tiny_qwen2_5vl_config, tiny_qwen3vl_config
     from model.tokenizer import build_tokenizer, vision_token_ids
     tok = build_tokenizer(CORPUS, vocab_size=400)
     make, patch, cls = {"qwen3_vl": (tiny_qwen3vl_config, PATCH, model.Qwen3VL),

@@ -1,9 +1,10 @@
-"""Run by tests/test_train.py under torchrun: one GRPO update's gradient on a fixed global batch.
+"""Run by tests/test_train.py under torchrun: one GRPO step's gradient on a fixed global batch.
 
-    python -m torch.distributed.run --nproc_per_node=N tests/dist_grad_check.py OUT_DIR FSDP
-Every rank samples its share of the same 4 prompts (samples depend only on each prompt's seed), then runs
-train.train_on_rollouts with an optimizer that records the summed gradient instead of stepping. Rank 0
-writes grads.safetensors and stats.json for the test to compare across process counts."""
+    python -m torch.distributed.run --nproc_per_node=N tests/dist_grad_check.py OUT_DIR FSDP [--option=value ...]
+Every rank samples its share of the step's 4 prompts (samples depend only on each prompt's seed; with
+--dynamic_sampling=true the informative groups are chosen over all ranks), then runs train.grpo_update with an
+optimizer that records the summed gradient instead of stepping. Rank 0 writes grads.safetensors and stats.json for
+the test to compare across process counts."""
 import json
 import os
 import sys
@@ -34,11 +35,11 @@ class GradRecorder:
             p.grad = None
 
 
-def main(out_dir: str, fsdp: bool):
+def main(out_dir: str, fsdp: bool, extra: list[str]):
     torch.set_num_threads(1)
     cfg = parse_config([f"--out_dir={out_dir}", "--prompts_per_step=4", "--mini_batch_prompts=4", "--group_size=3",
                         "--micro_batch_size=2", "--max_new_tokens=10", "--kl_coef=0.05", "--grad_clip=1e9",
-                        f"--fsdp={fsdp}"])
+                        f"--fsdp={fsdp}", *extra])
     rank, world, device = train.init_distributed(cfg)
     ckpt = os.path.join(out_dir, "init")
     policy_dir = os.path.join(out_dir, "policy")
@@ -52,21 +53,20 @@ def main(out_dir: str, fsdp: bool):
     train.barrier()
     processor = model.load_processor(ckpt)
     wrapped, net = train.build_policy(policy_dir, cfg, device, world)
-    ref = train.build_reference(ckpt, cfg, device)
-    records = toy.records("train", 4, seed=0)
-    ids = list(range(4))[rank::world]
-    prompts = train.encode_records(processor, [records[i] for i in ids], cfg)
+    ref = train.build_reference(ckpt, cfg, device, net)
+    records = toy.records("train", 12, seed=0)
     reward_fn = rewards.resolve_reward("paper")
-    with train.RolloutPolicy(wrapped, net, cfg.fsdp and dist.is_initialized()):
-        ro, _, rew, _ = train.rollout(train.Engine(net), processor, prompts, [records[i].labels for i in ids], cfg, 0, ids,
-                                      reward_fn, device)
-    rew = rew + torch.arange(len(rew)) * 0.1  # distinct rewards: every group has non-zero advantages
-    adv = train.grpo.group_advantages(rew, cfg.group_size)
-    opt = GradRecorder(wrapped.parameters())
+    if not cfg.dynamic_sampling:  # distinct rewards: every group has non-zero advantages
+        reward_fn = (lambda score: lambda text, labels: (lambda r, c: (r + len(text) * 1e-3, c))(*score(text, labels)))(
+            reward_fn)
+    with train.RolloutPolicy(wrapped, net, train.uses_fsdp(cfg)):
+        batch, _, draws = train.collect_step(train.Engine(net), processor, records, cfg, 0, 0, reward_fn, device,
+                                             rank, world)
+    opt = GradRecorder(p for p in wrapped.parameters() if p.requires_grad)  # LoRA: the adapters alone
     sched = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), lambda s: 1.0)
-    stats = train.train_on_rollouts(wrapped, ref, opt, sched, prompts, ro, adv, cfg, device, world,
-                                    processor.pad_token_id)
-    names = [n for n, _ in net.named_parameters()]
+    stats = train.grpo_update(wrapped, ref, opt, sched, train.grpo.FixedKLController(cfg.kl_coef), batch, cfg, device,
+                              rank, world, processor.pad_token_id)
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
     grads = {n: (g.full_tensor() if hasattr(g, "full_tensor") else g).cpu().contiguous() for n, g in zip(names, opt.grads)}
     if rank == 0:
         from safetensors.torch import save_file
@@ -78,4 +78,4 @@ def main(out_dir: str, fsdp: bool):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] == "True")
+    main(sys.argv[1], sys.argv[2] == "True", sys.argv[3:])

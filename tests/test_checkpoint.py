@@ -15,7 +15,7 @@ from transformers import Qwen3VLForConditionalGeneration as HFModel
 
 import model
 from model import checkpoint
-from model.tiny import scramble_, tiny_qwen3vl_hf_dict
+from tiny import scramble_, tiny_qwen3vl_hf_dict
 
 TOL = 1e-4
 PATCH = 8
@@ -167,7 +167,76 @@ def test_failed_save_leaves_old_checkpoint(hf_dir, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [target]
 
 
+# ---- a complete model directory: save(..., extras_from=the model's source directory) ----
+
+@pytest.fixture(scope="module")
+def source_dir(hf_dir, tmp_path_factory):
+    """hf_dir plus a processor (tokenizer with its template inline only, image settings) and a generation config as
+    transformers derives it from a model config: sampling defaults, and eos / pad ids that are not the tokenizer's."""
+    from model.processor import Processor
+    from model.tokenizer import build_tokenizer
+    path = tmp_path_factory.mktemp("source")
+    for name in ("config.json", "model.safetensors"):
+        (path / name).write_bytes((hf_dir / name).read_bytes())
+    Processor(build_tokenizer(["What is in this image? A cup."] * 4, vocab_size=300), patch_size=PATCH).save(str(path))
+    (path / "chat_template.jinja").unlink()
+    (path / "generation_config.json").write_text(json.dumps(
+        {"_from_model_config": True, "bos_token_id": 151643, "eos_token_id": 151645, "temperature": 0.7, "top_k": 20}))
+    return path
+
+
+def test_save_with_extras_from_writes_a_complete_directory(hf_dir, source_dir, tmp_path):
+    ours = model.load(hf_dir)
+    target = tmp_path / "policy"
+    model.save(ours, target, extras_from=source_dir)
+    assert sorted(os.listdir(target)) == ["chat_template.jinja", "config.json", "generation_config.json",
+                                          "model.safetensors", "preprocessor_config.json", "tokenizer.json",
+                                          "tokenizer_config.json"]
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):  # copied as they are
+        assert (target / name).read_bytes() == (source_dir / name).read_bytes()
+    processor = model.load_processor(str(target))
+    assert (target / "chat_template.jinja").read_text() == processor.tokenizer.chat_template
+    generation = json.loads((target / "generation_config.json").read_text())   # eos / pad: the stop tokens
+    assert generation == {"bos_token_id": 151643, "eos_token_id": processor.stop_token_ids,
+                          "pad_token_id": processor.pad_token_id, "temperature": 0.7, "top_k": 20}
+    assert oct((target / "model.safetensors").stat().st_mode & 0o044) == oct(0o044 & ~_umask())   # readable by others
+    assert_close(logits_of(model.load(target)), logits_of(ours))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_save_with_extras_from_a_dir_without_processor_fails_first(hf_dir, tmp_path):
+    """The source is checked before any weight is written: nothing appears at the target."""
+    with pytest.raises(FileNotFoundError, match=str(hf_dir / "preprocessor_config.json")):
+        model.save(model.load(hf_dir), tmp_path / "policy", extras_from=hf_dir)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- bad checkpoints: errors that name the file / key ----
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_weights_file_is_named(hf_dir, tmp_path, damage):
+    (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
+    data = (hf_dir / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:len(data) // 2] if damage == "truncated" else b"\x00junk" * 9)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'model.safetensors'} is not a readable safetensors file"):
+        model.load(tmp_path)
+
+
+def test_malformed_config_json_is_named(hf_dir, tmp_path):
+    (tmp_path / "model.safetensors").write_bytes((hf_dir / "model.safetensors").read_bytes())
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3_vl",')
+    with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'} is not valid JSON"):
+        model.load(tmp_path)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg["text_config"]["num_attention_heads"] = "four"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'}: not a valid qwen3_vl config: TypeError"):
+        model.load(tmp_path)
 
 def test_missing_shard_is_named(hf, tmp_path):
     hf.save_pretrained(tmp_path, max_shard_size="100KB")

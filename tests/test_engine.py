@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import engine
-import train
+import logprobs
 from engine import Engine
 from model.kv_cache import KVCache
 from model.slot_cache import SlotCache
@@ -73,12 +73,12 @@ def test_greedy_equals_cache_free_reference(arch):
 
 
 def training_logprobs(net, prompts, ro, temperature):
-    """The trainer's own recomputation: [left-padded prompt | right-padded response] through train.collate."""
+    """The trainer's own recomputation: [left-padded prompt | right-padded response] through logprobs.collate."""
     per_row = [prompts[int(i)] for i in ro.prompt_index]
-    batch = train.collate(per_row, ro.response_ids, ro.response_mask, 0, "cpu", net.rope_index,
+    batch = logprobs.collate(per_row, ro.response_ids, ro.response_mask, 0, "cpu", net.rope_index,
                           net.config.image_token_id)
     with torch.no_grad():
-        logp, _ = train.response_logprobs(net, batch, ro.response_ids, temperature)
+        logp, _ = logprobs.response_logprobs(net, batch, ro.response_ids, temperature)
     return logp * ro.response_mask
 
 
@@ -364,10 +364,10 @@ def test_cuda_bf16_autocast_logprobs_match_training_forward(tiny_vlm):
         ro = Engine(net, cuda_graphs=True).generate(prompts, group_size=4, max_new_tokens=16, temperature=1.0,
                                                      stop_token_ids=tiny_vlm.STOP, seed=0)
         per_row = [prompts[int(i)] for i in ro.prompt_index]
-        batch = train.collate(per_row, ro.response_ids, ro.response_mask, 0, "cuda", net.rope_index,
+        batch = logprobs.collate(per_row, ro.response_ids, ro.response_mask, 0, "cuda", net.rope_index,
                               net.config.image_token_id)
         with torch.no_grad():
-            logp, _ = train.response_logprobs(net, batch, ro.response_ids.cuda(), 1.0)
+            logp, _ = logprobs.response_logprobs(net, batch, ro.response_ids.cuda(), 1.0)
     mask = ro.response_mask.bool()
     delta = (ro.logprobs - logp.float().cpu())[mask].abs()
     assert float(delta.mean()) <= 2e-2 and float(delta.max()) <= 0.5, (float(delta.mean()), float(delta.max()))

@@ -24,7 +24,7 @@ KINDS = ("SD", "TYPO")
 def checkpoint(tmp_path_factory):
     import model
     from model.processor import Processor
-    from model.tiny import scramble_, tiny_qwen3vl_config
+    from tiny import scramble_, tiny_qwen3vl_config
     from model.tokenizer import build_tokenizer, vision_token_ids
 
     path = str(tmp_path_factory.mktemp("tiny_ckpt"))

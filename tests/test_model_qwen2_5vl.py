@@ -34,7 +34,7 @@ from transformers.vision_utils import get_vision_window_index
 import model
 from model.processor import load_processor
 from model.rope import mrope_axes, mrope_cos_sin, rope_index
-from model.tiny import scramble_, tiny_qwen2_5vl_hf_dict
+from tiny import scramble_, tiny_qwen2_5vl_hf_dict
 from model.tokenizer import build_tokenizer
 from model.vision_qwen2_5 import window_order
 

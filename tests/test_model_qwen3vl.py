@@ -11,7 +11,7 @@ from transformers import Qwen3VLConfig as HFConfig
 from transformers import Qwen3VLForConditionalGeneration as HFModel
 
 import model
-from model.tiny import scramble_, tiny_qwen3vl_hf_dict
+from tiny import scramble_, tiny_qwen3vl_hf_dict
 
 TOL = 1e-4
 PATCH = 8  # small patches keep pixel_values small; the code path is the same as with 16

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sample
-import train
+import logprobs
 from config import Config
 from model.prefix import GroupedForward, grouped_logits
 from conftest import STOP, build_tiny, make_prompts  # noqa: E402  (the tiny_vlm kit's plain functions)
@@ -26,7 +26,7 @@ def logprobs_and_grads(net, prompts, ro, rows, shared: bool):
     cfg = Config(model="x", data="x", prompts_per_step=1, mini_batch_prompts=1, device="cpu", dtype="fp32",
                  shared_prefix=shared)
     net.zero_grad(set_to_none=True)
-    logp, _, _, mask = train.micro_logprobs(net, prompts, ro, rows, cfg, torch.device("cpu"), 0)
+    logp, _, _, mask = logprobs.micro_logprobs(net, prompts, ro, rows, cfg, torch.device("cpu"), 0)
     # a loss that weighs every token differently, so a misplaced gradient cannot cancel out
     w = torch.linspace(0.5, 1.5, mask.numel()).view_as(mask)
     (logp * mask * w).sum().backward()
@@ -76,7 +76,7 @@ def test_sampler_logprobs_equal_grouped_forward():
     ro = rollouts(net, prompts, G=4, n=12, seed=9)
     with torch.no_grad():
         cfg = Config(model="x", data="x", prompts_per_step=1, mini_batch_prompts=1, device="cpu", dtype="fp32")
-        logp = train.micro_logprobs(net, prompts, ro, list(range(len(ro.prompt_index))), cfg,
+        logp = logprobs.micro_logprobs(net, prompts, ro, list(range(len(ro.prompt_index))), cfg,
                                     torch.device("cpu"), 0)[0]
     R = logp.shape[1]
     diff = (logp - ro.logprobs[:, :R]) * ro.response_mask[:, :R]
@@ -87,7 +87,7 @@ def test_grouped_forward_module_is_the_function():
     net, proc = build_tiny("qwen3_vl")
     prompts = make_prompts(proc)
     ro = rollouts(net, prompts, G=2, n=5)
-    batch = train.collate_groups(prompts, ro.prompt_index, ro.response_ids, ro.response_mask, 0, "cpu")
+    batch = logprobs.collate_groups(prompts, ro.prompt_index, ro.response_ids, ro.response_mask, 0, "cpu")
     assert batch["prompt_ids"].shape[0] == len(prompts) and batch["row_prompt"].tolist() == ro.prompt_index.tolist()
     with torch.no_grad():
         (a, za), (b, zb) = GroupedForward(net)(**batch), grouped_logits(net, **batch)
@@ -106,7 +106,7 @@ def test_activation_checkpointing_keeps_grouped_gradients():
     ro = rollouts(net, prompts, G=2, n=8)
     rows = list(range(len(ro.prompt_index)))
     ckpt = copy.deepcopy(net)
-    for block in train.decoder_blocks(ckpt):
+    for block in ckpt.decoder_blocks():
         checkpoint(block)
     a, ga = logprobs_and_grads(net, prompts, ro, rows, shared=True)
     b, gb = logprobs_and_grads(ckpt, prompts, ro, rows, shared=True)
@@ -131,7 +131,7 @@ def test_training_forward_keeps_one_attention_mask_for_all_layers(shared, dtype)
         saved.append(t)
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        train.micro_logprobs(net, prompts, ro, list(range(len(ro.prompt_index))), cfg, torch.device("cpu"), 0)
+        logprobs.micro_logprobs(net, prompts, ro, list(range(len(ro.prompt_index))), cfg, torch.device("cpu"), 0)
     # the additive masks: floating (B, 1, Tq, Tk) tensors holding -inf
     masks = [t for t in saved if t.dim() == 4 and t.shape[1] == 1 and t.is_floating_point() and bool(t.isinf().any())]
     layers = net.config.text.num_hidden_layers

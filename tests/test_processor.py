@@ -277,6 +277,12 @@ def test_bad_checkpoint_dirs_name_the_file(tokenizer, tmp_path):
     with pytest.raises(ValueError, match=f"{bad_json / 'preprocessor_config.json'} is not valid JSON"):
         load_processor(str(bad_json))
 
+    bad_model_cfg = tmp_path / "bad_model_cfg"   # AutoTokenizer reads config.json too: named, not "the tokenizer"
+    shutil.copytree(good, bad_model_cfg)
+    (bad_model_cfg / "config.json").write_text('{"model_type": "qwen3_vl",')
+    with pytest.raises(ValueError, match=f"{bad_model_cfg / 'config.json'} is not valid JSON"):
+        load_processor(str(bad_model_cfg))
+
     bad_value = tmp_path / "bad_value"
     shutil.copytree(good, bad_value)
     (bad_value / "preprocessor_config.json").write_text(json.dumps({**QWEN3_VL_CONFIG, "patch_size": "16"}))

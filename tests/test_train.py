@@ -3,6 +3,7 @@ non-finite updates skipped, and the real-checkpoint path (a tiny HF-format model
 import json
 import os
 import subprocess
+import warnings
 import sys
 
 import pytest
@@ -110,9 +111,13 @@ def test_nonfinite_update_is_skipped_and_reported(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(grpo, "policy_loss", poisoned)
     out = str(tmp_path / "nan")
     # a step is 2 mini-batches of 2 prompts x 3 samples = 6 rows; micro-batches of 4 -> 4 calls per step
-    train.main(TINY + [f"--out_dir={out}", "--max_steps=2"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train.main(TINY + [f"--out_dir={out}", "--max_steps=2"])
     rows = read_metrics(out)
-    assert [r["skipped"] for r in rows] == [1, 0]
+    assert [r["skipped_updates"] for r in rows] == [1, 0] and [r["updates"] for r in rows] == [1, 2]
+    # the LR schedule counts the updates that happened: no scheduler step without an optimizer step
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
     assert "skipped 1 update(s) with non-finite gradients" in capsys.readouterr().out
     policy = trainstate.latest_checkpoint(out)
     import model
@@ -128,8 +133,9 @@ def test_nonfinite_update_is_skipped_and_reported(tmp_path, monkeypatch, capsys)
 KILL_SCRIPT = r"""
 import os, signal, sys
 sys.path.insert(0, {root!r})
+sys.path.insert(0, os.path.join({root!r}, "tests"))
 import torch, trainstate, model
-from model.tiny import tiny_qwen3vl_config
+from tiny import tiny_qwen3vl_config
 net = model.Qwen3VL(tiny_qwen3vl_config()).init_weights(seed=0)
 opt = torch.optim.AdamW(net.parameters())
 state = {{"step": 1, "nonfinite": 0}}
@@ -156,14 +162,18 @@ def test_killed_during_checkpoint_write_leaves_previous_loadable(tmp_path):
 DIST_SCRIPT = os.path.join(ROOT, "tests", "dist_grad_check.py")
 
 
-@pytest.mark.parametrize("fsdp", [False, True])
-def test_two_processes_match_one_process(tmp_path, fsdp):
-    """torchrun --nproc_per_node=2 (gloo): the same global batch gives the same loss and gradient."""
+@pytest.mark.parametrize("fsdp,extra", [(False, []), (True, []), (False, ["--ppo_epochs=2"]),
+                                        (False, ["--dynamic_sampling=true"]), (False, ["--lora_rank=4"]),
+                                        (True, ["--lora_rank=4"])])
+def test_two_processes_match_one_process(tmp_path, fsdp, extra):
+    """torchrun --nproc_per_node=2 (gloo): the same global batch gives the same loss and gradient (also with two
+    PPO epochs, with dynamic sampling choosing informative groups across ranks, and with LoRA adapters under DDP and
+    FSDP2, where the reference is the policy with its adapters off)."""
     outs = {}
     for n in (1, 2):
         out = str(tmp_path / f"p{n}")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               DIST_SCRIPT, out, str(fsdp)]
+               DIST_SCRIPT, out, str(fsdp), *extra]
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -183,7 +193,7 @@ def make_real_checkpoint(path):
     import model
     from data.prompt import STEP_GUIDED_PROMPT
     from model.processor import Processor
-    from model.tiny import tiny_qwen3vl_config
+    from tiny import tiny_qwen3vl_config
     from model.tokenizer import build_tokenizer, vision_token_ids
     corpus = [STEP_GUIDED_PROMPT, "What is shown here? Is this dangerous to eat?",
               "I see a cup. <visual_safe>safe</visual_safe> <text_safe>safe</text_safe> "
@@ -228,7 +238,7 @@ def test_decoded_response_with_stop_token_passes_the_format_gate(tmp_path):
     import model
     import rewards
     from data import toy
-    from sample import Rollout
+    from engine import Rollout
     toy.build_checkpoint(str(tmp_path), seed=0)
     processor = model.load_processor(str(tmp_path))
     rec = toy.records("test", 1, seed=0)[0]

@@ -1,4 +1,4 @@
-"""Tiny Qwen3-VL and Qwen2.5-VL configs built in code, for tests and the toy world (no downloads).
+"""Tiny Qwen3-VL and Qwen2.5-VL configs built in code, for the tests (no downloads).
 
 `tiny_qwen3vl_config(...)` / `tiny_qwen2_5vl_config(...)` return our config objects; `tiny_qwen3vl_hf_dict(...)` /
 `tiny_qwen2_5vl_hf_dict(...)` the same models as dicts that transformers' `Qwen3VLConfig(**d)` /
@@ -7,7 +7,7 @@ Token ids are parameters so they can follow a tokenizer built by model/tokenizer
 """
 import torch
 
-from .config import QWEN2_5_DECODER, Qwen2_5_VisionConfig, Qwen2_5_VLConfig, Qwen3VLConfig, TextConfig, VisionConfig
+from model.config import QWEN2_5_DECODER, Qwen2_5_VisionConfig, Qwen2_5_VLConfig, Qwen3VLConfig, TextConfig, VisionConfig
 
 
 def _tiny_text(vocab_size: int, hidden_size: int, text_layers: int, head_dim: int, mrope_section,
