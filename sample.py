@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+import rewards
 from engine import Engine, Rollout
 
 
@@ -28,7 +29,7 @@ def generate(model, prompts: list[dict], group_size: int, max_new_tokens: int, t
 
 # ----------------------------------------------------------------------------- CLI
 
-LABEL_KEYS = ("image_tag", "text_tag", "combine_tag")
+LABEL_KEYS = tuple(rewards.LABEL_KEYS.values())  # image_tag, text_tag, combine_tag: the reward's own names
 
 
 def parse_labels(spec: str) -> dict:
@@ -77,7 +78,6 @@ def main(argv=None) -> int:
 
 def run_cli(args) -> int:
     import model as model_lib
-    import rewards
     from data.prompt import build_prompt
 
     # Everything cheap first, so that bad input fails before the model is read.

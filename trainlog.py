@@ -119,8 +119,11 @@ class MetricsLog:
             self.wandb = None
 
 
-def plot_curves(rows: list[dict], path: str,
-                keys=("reward", "format", "tag", "behavior", "refusal_unsafe", "over_refusal_safe", "kl", "entropy", "response_len", "clipfrac")) -> str | None:
+CURVES = ("reward", "format", "tag", "behavior", "refusal_unsafe", "over_refusal_safe", "kl", "entropy", "response_len",
+          "clipfrac", "mismatch")
+
+
+def plot_curves(rows: list[dict], path: str, keys=CURVES) -> str | None:
     """A grid of metric-vs-step curves saved as PNG (matplotlib, Agg backend: no display needed)."""
     rows = [r for r in rows if "reward" in r]
     keys = [k for k in keys if any(k in r for r in rows)]

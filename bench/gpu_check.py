@@ -252,8 +252,6 @@ def cmd_sampler(args) -> dict:
     """The engine (bf16, CUDA graphs, kept across calls as the trainer keeps it) vs HF generate
     (num_return_sequences=G, its dynamic KV cache), same weights, exactly G x N new tokens on both sides (no stop
     tokens / min_new_tokens = N), for 1 prompt x G and P prompts x G."""
-    import inspect
-
     import engine
     import model as vlm
     device, dtype = setting()
@@ -271,7 +269,6 @@ def cmd_sampler(args) -> dict:
             assert int(ro.response_mask.sum()) == P * G * N, "ours stopped early"
         out[f"ours_{P}x{G}"] = timed_runs(ours, runs, device)
         out[f"ours_{P}x{G}"]["tokens_per_s"] = P * G * N / out[f"ours_{P}x{G}"]["median_s"]
-        del eng
     del net
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -323,7 +320,7 @@ def cmd_mismatch(args) -> dict:
     and k3 = E[exp(-delta) + delta - 1] (delta = logp_sampler - logp_train, tokens drawn by the sampler)."""
     import engine
     import model as vlm
-    from logprobs import micro_logprobs
+    from logprobs import all_logprobs
     from parallel import autocast_ctx
     device, _ = setting()
     cfg = bench_config(args, args.dir)
@@ -333,23 +330,11 @@ def cmd_mismatch(args) -> dict:
     with torch.no_grad(), autocast_ctx(cfg, device):
         ro = eng.generate(prompts, group_size=args.G, max_new_tokens=args.N, temperature=1.0,
                           prompt_seeds=list(range(args.P)))
-    recomputed = torch.zeros_like(ro.logprobs)
-    with torch.no_grad():
-        for start in range(0, ro.response_ids.shape[0], args.micro):
-            rows = list(range(start, min(start + args.micro, ro.response_ids.shape[0])))
-            logp = micro_logprobs(net, prompts, ro, rows, cfg, device, 0)[0]
-            recomputed[rows, :logp.shape[1]] = logp.float().cpu()
     mask = ro.response_mask.bool()
 
     def forward_logprobs(**kw):  # the training forward of every rollout row, micro-batch by micro-batch
-        c = bench_config(args, args.dir, **kw)
-        lp = torch.zeros_like(ro.logprobs)
-        with torch.no_grad():
-            for start in range(0, ro.response_ids.shape[0], args.micro):
-                rows = list(range(start, min(start + args.micro, ro.response_ids.shape[0])))
-                logp = micro_logprobs(net, prompts, ro, rows, c, device, 0)[0]
-                lp[rows, :logp.shape[1]] = logp.float().cpu()
-        return lp
+        return all_logprobs(net, prompts, ro, bench_config(args, args.dir, **kw), device, 0)
+    recomputed = forward_logprobs()
     delta = (ro.logprobs - recomputed)[mask].double()
     out = {"tokens": int(mask.sum()), "mean_abs": float(delta.abs().mean()), "max_abs": float(delta.abs().max()),
            "k1": float(delta.mean()), "k3": float((torch.exp(-delta) + delta - 1).mean()),

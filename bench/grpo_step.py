@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __name__ == "__main__":  # run as a script, this folder would shadow the top-level modules (rewards.py)
     sys.path[0] = ROOT
 
-# The reference setting of shared/DESIGN.md ("Performance: how it is measured").
+# The CPU reference setting (bench/README.md): the size and shape every CPU comparison here uses.
 GROUP_SIZE = 8
 PROMPT_TOKENS = 256          # the whole rendered prompt, chat template and 64 image tokens included
 IMAGE_SIDE = 256             # 256 x 256 px = 16 x 16 patches of 16 px = 64 tokens after the 2 x 2 merge

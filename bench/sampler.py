@@ -1,5 +1,5 @@
 """sample.generate vs Hugging Face generate (num_return_sequences=G) on the same ~25M-parameter random Qwen3-VL:
-tokens/s, peak RSS growth and KV-cache bytes, at DESIGN.md's reference setting (1 prompt x G=8, 256-token prompt
+tokens/s, peak RSS growth and KV-cache bytes, at the CPU reference setting of bench/README.md (1 prompt x G=8, 256-token prompt
 with 64 image tokens, 128 new tokens, fp32, 2 threads) and with a 1024-token prompt.
 
 Run: `python bench/sampler.py [--runs 5] [--prompt_lens 256,1024] [--threads 2]`. Per prompt length one child

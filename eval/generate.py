@@ -5,10 +5,10 @@ is dropped on reading, and a rerun generates only what is missing.
 One output row: {"id", "sample", "benchmark", "subset", "question", "user_text", "response", "think",
 "answer", "answer_source", "finish_reason", "num_tokens", "labels", "meta"}.
 """
+import hashlib
 import json
 import os
 import re
-import zlib
 from dataclasses import asdict, dataclass
 
 from data.files import append_jsonl, read_jsonl, write_json
@@ -88,8 +88,10 @@ def user_text(question: str, config: GenerationConfig) -> str:
 
 def record_seed(seed: int, record_id: str) -> int:
     """The sampling key of one record: a function of (seed, id) only, so a record's samples do not depend on
-    the batch it lands in (batch size, or what was left after a crash)."""
-    return (seed << 32) ^ zlib.crc32(record_id.encode("utf-8"))
+    the batch it lands in (batch size, or what was left after a crash). The project's one key hash (engine.hash64)
+    over the seed and the id's 64-bit digest."""
+    from engine import hash64
+    return hash64(seed, int.from_bytes(hashlib.blake2b(record_id.encode("utf-8"), digest_size=8).digest(), "little"))
 
 
 def output_key(row: dict) -> tuple:

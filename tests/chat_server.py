@@ -3,10 +3,17 @@ every reply comes from a script, so the verdicts a test expects are known in adv
 
     server = ChatServer(lambda body, n: (200, completion("Verdict: safe")))   # n: this request's number, from 1
     ... ChatClient(server.url) ...; server.requests[0]["body"]; server.close()
+JudgeServer scripts the SafeTag judge per instruction (tests/conftest.py's `serve` fixture starts them).
 """
+import io
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from PIL import Image
+
+from data.judge import OpenAIJudge
 
 
 def completion(text):
@@ -58,3 +65,60 @@ class ChatServer:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+# ----------------------------------------------------------------------------- the SafeTag judge (data/judge.py)
+
+TIMEOUT = 1.0          # client timeout in these tests; "sleep" actions outlast it (generous: slow CI machines)
+
+
+def png(color, size=(8, 8)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def answer(v, vc, t, tc, c, cc) -> str:
+    return json.dumps({"visual_score": v, "visual_confidence": vc, "text_score": t, "text_confidence": tc,
+                       "combined_score": c, "combined_confidence": cc})
+
+
+class JudgeServer(ChatServer):
+    """The chat server answering each instruction by a script.
+
+    script[instruction] is a list of actions, one per request for that instruction (the last one repeats):
+    ("reply", text) -> a chat completion; ("status", code) -> that HTTP error; ("sleep", s) -> no answer for
+    s seconds; ("raw", bytes) -> a 200 whose body is not a chat completion. Tests use the judge prompt
+    "{instruction}", so the text part of each request is the instruction itself; `asked` lists them in order.
+    on_request(n) is called with each request's number before it is answered."""
+
+    def __init__(self, script, on_request=None):
+        self.actions, self.on_request, self.asked = script, on_request, []
+        super().__init__(self.reply)
+
+    def reply(self, body, n):
+        text = next(p["text"] for p in body["messages"][0]["content"] if p["type"] == "text")
+        with self.lock:
+            earlier = self.asked.count(text)
+            self.asked.append(text)
+        if self.on_request:
+            self.on_request(n)
+        actions = self.actions.get(text, [("status", 404)])
+        kind, value = actions[min(earlier, len(actions) - 1)]
+        if kind == "sleep":
+            time.sleep(value)
+            kind, value = "reply", answer(9, 9, 9, 9, 9, 9)
+        if kind == "status":
+            return value, {"error": "scripted"}
+        if kind == "raw":
+            return 200, value
+        return 200, {"id": "x", "object": "chat.completion", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": value}, "finish_reason": "stop"}]}
+
+
+def client(url, **kw):
+    kw = {"prompt": "{instruction}", "timeout": TIMEOUT, "max_retries": 2, "backoff": 0.01, "max_backoff": 0.05, **kw}
+    return OpenAIJudge(url, "test-judge", **kw)
+
+
+GOOD = answer(9, 9, 9, 9, 9, 9)  # a reply that keeps a pair with every verdict safe, all confident

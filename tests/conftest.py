@@ -11,7 +11,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -58,3 +57,17 @@ def make_prompts(proc) -> list[dict]:
 def tiny_vlm():
     """build(arch) -> (model, processor) (a fresh model each call), prompts(processor), image(h, w, seed), STOP."""
     return SimpleNamespace(build=build_tiny, prompts=make_prompts, image=image, STOP=STOP, ARCHS=ARCHS)
+
+
+@pytest.fixture
+def serve():
+    """serve(script, on_request=None) -> a started chat_server.JudgeServer on 127.0.0.1, closed after the test."""
+    from chat_server import JudgeServer
+    servers = []
+
+    def start(script, on_request=None):
+        servers.append(JudgeServer(script, on_request))
+        return servers[-1]
+    yield start
+    for s in servers:
+        s.close()

@@ -39,7 +39,7 @@ def main(out_dir: str, fsdp: bool, extra: list[str]):
     torch.set_num_threads(1)
     cfg = parse_config([f"--out_dir={out_dir}", "--prompts_per_step=4", "--mini_batch_prompts=4", "--group_size=3",
                         "--micro_batch_size=2", "--max_new_tokens=10", "--kl_coef=0.05", "--grad_clip=1e9",
-                        f"--fsdp={fsdp}", *extra])
+                        "--dynamic_sampling=false", f"--fsdp={fsdp}", *extra])
     rank, world, device = train.init_distributed(cfg)
     ckpt = os.path.join(out_dir, "init")
     policy_dir = os.path.join(out_dir, "policy")
@@ -56,9 +56,11 @@ def main(out_dir: str, fsdp: bool, extra: list[str]):
     ref = train.build_reference(ckpt, cfg, device, net)
     records = toy.records("train", 12, seed=0)
     reward_fn = rewards.resolve_reward("paper")
-    if not cfg.dynamic_sampling:  # distinct rewards: every group has non-zero advantages
-        reward_fn = (lambda score: lambda text, labels: (lambda r, c: (r + len(text) * 1e-3, c))(*score(text, labels)))(
-            reward_fn)
+    # Rewards that differ by response length: without dynamic sampling every group has non-zero advantages; with
+    # it only the length's parity counts, so some groups are informative and some are not, and the choice matters.
+    unit = (lambda n: n * 1e-3) if not cfg.dynamic_sampling else (lambda n: (n % 2) * 1e-3)
+    reward_fn = (lambda score: lambda text, labels: (lambda r, c: (r + unit(len(text)), c))(*score(text, labels)))(
+        reward_fn)
     with train.RolloutPolicy(wrapped, net, train.uses_fsdp(cfg)):
         batch, _, draws = train.collect_step(train.Engine(net), processor, records, cfg, 0, 0, reward_fn, device,
                                              rank, world)
@@ -71,7 +73,8 @@ def main(out_dir: str, fsdp: bool, extra: list[str]):
     if rank == 0:
         from safetensors.torch import save_file
         save_file(grads, os.path.join(out_dir, "grads.safetensors"))
-        json.dump({k: float(v) for k, v in stats.items()}, open(os.path.join(out_dir, "stats.json"), "w"))
+        json.dump({**{k: float(v) for k, v in stats.items()}, "draws": draws},
+                  open(os.path.join(out_dir, "stats.json"), "w"))
     train.barrier()
     if dist.is_initialized():
         dist.destroy_process_group()

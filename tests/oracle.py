@@ -1,4 +1,5 @@
-"""The sampler's test oracles: the slow obvious versions the rollout engine (engine.py) is checked against.
+"""The sampler's test oracles: the slow obvious versions the rollout engine (engine.py) is checked against, and
+the check that its decode step compiles as one graph.
 
 reference_generate: greedy, one prompt at a time, a full cache-free forward over the whole sequence per step.
 oracle_generate: sampling as the engine defines it (same uniforms, same filtering), with each prompt prefilled G
@@ -69,3 +70,29 @@ def oracle_generate(model, prompts: list[dict], group_size: int, max_new_tokens:
     return Rollout(prompt_index=torch.arange(P).repeat_interleave(G), response_ids=response_ids[:, :R],
                    response_mask=mask, logprobs=logprobs[:, :R] * mask,
                    finish_reason=["stop" if s else "length" for s in stopped.tolist()])
+
+
+STEP_STATE = ("tokens", "lengths", "done", "out_tokens", "out_logprobs")
+
+
+def check_step_compiles(st) -> None:
+    """torch.compile(fullgraph=True) fails on any graph break (a data-dependent branch, a host read): the CPU check
+    that a DecodeState's step is capturable as one graph. Two compiled steps do what two eager ones did."""
+    before = {k: getattr(st, k).clone() for k in STEP_STATE}
+    sk, sv = st.cache.sk.clone(), st.cache.sv.clone()
+    with torch.no_grad():
+        st.step()
+        st.step()
+    eager = {k: getattr(st, k).clone() for k in STEP_STATE}
+    for k, v in before.items():
+        getattr(st, k).copy_(v)
+    st.cache.sk.copy_(sk)
+    st.cache.sv.copy_(sv)
+    torch._dynamo.reset()
+    compiled = torch.compile(st.step, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        compiled()
+        compiled()
+    for k in STEP_STATE:
+        assert torch.allclose(getattr(st, k).float(), eager[k].float(), atol=1e-5), k
+    assert int((st.lengths - before["lengths"]).sum()) > 0  # the steps did something

@@ -2,92 +2,23 @@
 out-of-range scores, timeouts, 5xx/4xx. Output rows and counts follow the paper's thresholds exactly; a crash
 halfway, then a restart, asks only the remaining pairs. The judge clients and reply parsing: test_judge.py; the pool
 adapters: test_sources.py."""
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
-from chat_server import ChatServer
+from chat_server import GOOD, TIMEOUT, answer, client, png
 from data import build_safetag, sources
 from data.build_safetag import Thresholds, build, decide, pair_key
-from data.judge import OpenAIJudge
 from data.safetag import load_safetag
 from data.sources import Pair
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMEOUT = 1.0          # client timeout in these tests; "sleep" actions outlast it (generous: slow CI machines)
-
-
-def png(color, size=(8, 8)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def answer(v, vc, t, tc, c, cc) -> str:
-    return json.dumps({"visual_score": v, "visual_confidence": vc, "text_score": t, "text_confidence": tc,
-                       "combined_score": c, "combined_confidence": cc})
-
-
-class JudgeServer(ChatServer):
-    """The chat server answering each instruction by a script.
-
-    script[instruction] is a list of actions, one per request for that instruction (the last one repeats):
-    ("reply", text) -> a chat completion; ("status", code) -> that HTTP error; ("sleep", s) -> no answer for
-    s seconds; ("raw", bytes) -> a 200 whose body is not a chat completion. Tests use the judge prompt
-    "{instruction}", so the text part of each request is the instruction itself; `asked` lists them in order.
-    on_request(n) is called with each request's number before it is answered."""
-
-    def __init__(self, script, on_request=None):
-        self.actions, self.on_request, self.asked = script, on_request, []
-        super().__init__(self.reply)
-
-    def reply(self, body, n):
-        text = next(p["text"] for p in body["messages"][0]["content"] if p["type"] == "text")
-        with self.lock:
-            earlier = self.asked.count(text)
-            self.asked.append(text)
-        if self.on_request:
-            self.on_request(n)
-        actions = self.actions.get(text, [("status", 404)])
-        kind, value = actions[min(earlier, len(actions) - 1)]
-        if kind == "sleep":
-            time.sleep(value)
-            kind, value = "reply", answer(9, 9, 9, 9, 9, 9)
-        if kind == "status":
-            return value, {"error": "scripted"}
-        if kind == "raw":
-            return 200, value
-        return 200, {"id": "x", "object": "chat.completion", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": value}, "finish_reason": "stop"}]}
-
-
-@pytest.fixture
-def serve():
-    servers = []
-
-    def start(script, on_request=None):
-        servers.append(JudgeServer(script, on_request))
-        return servers[-1]
-    yield start
-    for s in servers:
-        s.close()
-
-
-def client(url, **kw):
-    kw = {"prompt": "{instruction}", "timeout": TIMEOUT, "max_retries": 2, "backoff": 0.01, "max_backoff": 0.05, **kw}
-    return OpenAIJudge(url, "test-judge", **kw)
-
-
 # Each pair is (instruction, script, expected outcome); expected is labels (image, text, combined) or a discard reason.
-GOOD = answer(9, 9, 9, 9, 9, 9)
 CASES = [
     ("p01 all safe", [("reply", GOOD)], ("safe", "safe", "safe"), 1),
     ("p02 harmful text", [("reply", answer(8, 9, 1, 9, 2, 9))], ("safe", "unsafe", "unsafe"), 1),

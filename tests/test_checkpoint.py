@@ -1,7 +1,6 @@
-"""Checkpoint I/O round trips with transformers (single file, sharded, tied head, flat legacy config, legacy
-key names) and clear errors on bad checkpoints. Run: .venv/bin/python -m pytest -q tests/test_checkpoint.py
-The round-trip tests know the architecture only through the make_hf fixture: tests/test_model_qwen2_5vl.py
-runs them again for Qwen2.5-VL.
+"""Checkpoint I/O round trips with transformers (single file, sharded, tied head: for both architectures, through
+the arch_hf fixture; flat legacy config, legacy key names) and clear errors on bad checkpoints.
+Run: .venv/bin/python -m pytest -q tests/test_checkpoint.py
 """
 import json
 import os
@@ -11,11 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 from transformers import Qwen3VLConfig as HFConfig
-from transformers import Qwen3VLForConditionalGeneration as HFModel
 
 import model
 from model import checkpoint
-from tiny import scramble_, tiny_qwen3vl_hf_dict
+from tiny import tiny_hf
 
 TOL = 1e-4
 PATCH = 8
@@ -24,9 +22,7 @@ GRID = [(1, 4, 6)]
 
 
 def hf_model(tie=False, seed=1):
-    torch.manual_seed(0)
-    return scramble_(HFModel(HFConfig(**tiny_qwen3vl_hf_dict(patch_size=PATCH, tie_word_embeddings=tie))),
-                     seed=seed).eval()
+    return tiny_hf("qwen3_vl", tie, seed, PATCH)
 
 
 def inputs():
@@ -53,18 +49,27 @@ def assert_close(a, b):
 
 @pytest.fixture(scope="module")
 def make_hf():
-    """This module's architecture: make_hf(tie, seed) -> a tiny scrambled transformers model."""
+    """Qwen3-VL: make_hf(tie, seed) -> a tiny scrambled transformers model (the errors tests below)."""
     return hf_model
+
+
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen2_5_vl"])
+def arch_hf(request):
+    """Each architecture: (make_hf, the HF model) for the round trips."""
+    make = lambda tie=False, seed=1: tiny_hf(request.param, tie, seed, PATCH)  # noqa: E731
+    return make, make()
+
+
+@pytest.fixture(scope="module")
+def arch_hf_dir(arch_hf, tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf_single")
+    arch_hf[1].save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="module")
 def hf(make_hf):
     return make_hf()
-
-
-@pytest.fixture
-def tied_hf(make_hf):
-    return make_hf(tie=True, seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +79,16 @@ def hf_dir(hf, tmp_path_factory):
     return path
 
 
-def test_hf_single_file_loads_into_ours(hf, hf_dir):
+# ---- round trips, both architectures
+
+def test_hf_single_file_loads_into_ours(arch_hf, arch_hf_dir):
+    hf, hf_dir = arch_hf[1], arch_hf_dir
     assert (hf_dir / "model.safetensors").is_file()
     assert_close(logits_of(model.load(hf_dir)), logits_of(hf))
 
 
-def test_hf_sharded_loads_into_ours(hf, tmp_path):
+def test_hf_sharded_loads_into_ours(arch_hf, tmp_path):
+    hf = arch_hf[1]
     hf.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
@@ -87,7 +96,8 @@ def test_hf_sharded_loads_into_ours(hf, tmp_path):
 
 
 @pytest.mark.parametrize("shard", ["5GB", 100_000])
-def test_ours_saved_loads_into_hf(hf, hf_dir, tmp_path, shard):
+def test_ours_saved_loads_into_hf(arch_hf, arch_hf_dir, tmp_path, shard):
+    hf, hf_dir = arch_hf[1], arch_hf_dir
     ours = model.load(hf_dir)
     model.save(ours, tmp_path / "ckpt", max_shard_size=shard)
     files = sorted(os.listdir(tmp_path / "ckpt"))
@@ -102,8 +112,8 @@ def test_ours_saved_loads_into_hf(hf, hf_dir, tmp_path, shard):
     assert list(tmp_path.iterdir()) == [tmp_path / "ckpt"]  # no temp dirs left behind
 
 
-def test_tied_head_round_trip(tied_hf, tmp_path):
-    hf = tied_hf
+def test_tied_head_round_trip(arch_hf, tmp_path):
+    hf = arch_hf[0](tie=True, seed=2)
     hf.save_pretrained(tmp_path / "hf")
     ours = model.load(tmp_path / "hf")
     assert ours.lm_head.weight is ours.language_model.embed_tokens.weight

@@ -20,6 +20,8 @@ import train
 import trainstate
 from data import toy
 
+pytestmark = pytest.mark.slow  # toy runs through train.main; CI runs them (pytest -m slow)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A toy run of a few seconds whose greedy responses already have the paper's format (40 warm-start updates) and
 # stop on <|im_end|> before max_new_tokens, so that stopping is compared too.

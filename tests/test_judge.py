@@ -11,7 +11,7 @@ import pytest
 
 from data import build_safetag, judge as judge_mod
 from data.judge import JUDGE_PROMPT, JudgeError, MalformedReply, parse_judgement
-from tests.test_build_safetag import GOOD, JudgeServer, client, png, serve  # noqa: F401  (serve: a fixture)
+from chat_server import GOOD, JudgeServer, client, png
 
 
 def test_parse_judgement():

@@ -20,6 +20,7 @@ from model.lora import (ADAPTER_CONFIG, LoRALinear, adapters_disabled, add_lora,
                         is_lora_key, load_adapters, lora_config, lora_modules, lora_state_dict, merge_lora, merged,
                         merged_state_dict, save_adapters, save_merged, trainable_parameters, unmerge_lora)
 from model.prefix import grouped_logits
+from oracle import check_step_compiles
 
 ARCHS = ("qwen3_vl", "qwen2_5_vl")
 HF_CLASS = {"qwen3_vl": Qwen3VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
@@ -427,25 +428,7 @@ def test_engine_step_with_adapters_compiles_as_one_graph():
     st.is_stop[:len(STOP)] = True
     st.admit(list(range(len(prompts))), prompts, row_keys(0, len(prompts), 3), 0)
     st.rows, st.length = len(prompts) * 3, 12
-    names = ("tokens", "lengths", "done", "out_tokens", "out_logprobs")
-    before = {k: getattr(st, k).clone() for k in names}
-    sk, sv = st.cache.sk.clone(), st.cache.sv.clone()
-    with torch.no_grad():
-        st.step()
-        st.step()
-    eager = {k: getattr(st, k).clone() for k in names}
-    for k, v in before.items():
-        getattr(st, k).copy_(v)
-    st.cache.sk.copy_(sk)
-    st.cache.sv.copy_(sv)
-    torch._dynamo.reset()
-    compiled = torch.compile(st.step, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():
-        compiled()
-        compiled()
-    for k in names:
-        assert torch.allclose(getattr(st, k).float(), eager[k].float(), atol=1e-5), k
-    assert int((st.lengths - before["lengths"]).sum()) > 0
+    check_step_compiles(st)
 
 
 def test_bf16_base_with_fp32_adapters_under_autocast():

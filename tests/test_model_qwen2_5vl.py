@@ -1,12 +1,7 @@
-"""Qwen2.5-VL against transformers' Qwen2_5_VLForConditionalGeneration on a tiny random config (fp32, CPU).
-
-The parity set of test_model_qwen3vl.py (logits: text only, one image, two images of different sizes, padded
-batches; rope_index; the vision tower; KV-cached decode vs full forward; ...) and the round trips of
-test_checkpoint.py (transformers' save, single and sharded, into ours; ours saved into transformers; tied head)
-run again here through this module's `models` and `make_hf` fixtures. The tiny tower attends in windows of
-2 x 2 merged tokens in blocks 0 and 2 (full attention in block 1), so every image in those tests spans several
-windows, some cut short at the edges. Then what is Qwen2.5-VL's own: the window order, contiguous M-RoPE,
-config.json and checkpoint key names, the processor and position ids.
+"""What is Qwen2.5-VL's own, against transformers' Qwen2_5_VLForConditionalGeneration on a tiny random config (fp32,
+CPU): the window order, contiguous M-RoPE, config.json and checkpoint key names, the processor and position ids.
+The parity set both architectures share runs in test_model_qwen3vl.py (its `models` fixture takes each), the
+checkpoint round trips in test_checkpoint.py (`arch_hf`).
 Run: .venv/bin/python -m pytest -q tests/test_model_qwen2_5vl.py
 """
 import dataclasses
@@ -15,26 +10,17 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_model_qwen3vl import (  # noqa: F401  (the test_* names are collected and run here again)
-    ERRORS, PATCH, TOL, left_pad, make_pixels, test_eager_attention_equals_sdpa,
-    test_every_parameter_gets_a_gradient_and_bf16_runs, test_kv_cache_decode_equals_full_forward,
-    test_left_padded_batch_with_images_parity, test_left_padded_text_batch_parity, test_logits_to_keep_and_errors,
-    test_one_image_parity, test_rope_index_matches_hf, test_text_only_parity,
-    test_training_layout_equals_unpadded_rows, test_two_images_of_different_sizes_parity,
-    test_vision_tower_matches_hf)
-from test_checkpoint import (  # noqa: F401  (the round trips run here again, with this module's make_hf)
-    assert_close, hf, hf_dir, logits_of, test_hf_sharded_loads_into_ours, test_hf_single_file_loads_into_ours,
-    test_ours_saved_loads_into_hf, test_tied_head_round_trip, tied_hf)
+from test_checkpoint import assert_close, logits_of
+from test_model_qwen3vl import ERRORS, PATCH, TOL, left_pad, make_pixels
 from test_processor import CORPUS, assert_same, hf_encode, hf_processor, make_dir, random_image
 from transformers import Qwen2_5_VLConfig as HFConfig
-from transformers import Qwen2_5_VLForConditionalGeneration as HFModel
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.vision_utils import get_vision_window_index
 
 import model
 from model.processor import load_processor
 from model.rope import mrope_axes, mrope_cos_sin, rope_index
-from tiny import scramble_, tiny_qwen2_5vl_hf_dict
+from tiny import tiny_hf
 from model.tokenizer import build_tokenizer
 from model.vision_qwen2_5 import window_order
 
@@ -42,17 +28,16 @@ GRID = [(1, 6, 10)]  # 3 x 5 merged tokens: 2 x 3 windows of 2 x 2, the last row
 # (test_checkpoint's logits_of runs a (1, 4, 6) image: 2 x 3 merged tokens, two windows, one cut short)
 
 
-def hf_model(tie=False, seed=1):
-    """Tiny Qwen2.5-VL in transformers, scrambled; tie=True as Qwen2.5-VL-3B (lm_head = embedding)."""
-    torch.manual_seed(0)
-    return scramble_(HFModel(HFConfig(**tiny_qwen2_5vl_hf_dict(patch_size=PATCH, tie_word_embeddings=tie))),
-                     seed=seed).eval()
+@pytest.fixture(scope="module")
+def hf():
+    return tiny_hf("qwen2_5_vl", patch_size=PATCH)
 
 
 @pytest.fixture(scope="module")
-def make_hf():
-    """The architecture of the hf / hf_dir / tied_hf fixtures imported from test_checkpoint.py."""
-    return hf_model
+def hf_dir(hf, tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf_single")
+    hf.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +47,6 @@ def models(hf, hf_dir):
     ours = model.load(hf_dir)
     assert type(ours) is model.Qwen2_5_VL  # picked from config.json's model_type
     yield hf, ours
-    if ERRORS:
-        print("\nQwen2.5-VL max abs logit differences:", {k: f"{v:.2e}" for k, v in ERRORS.items()})
     ERRORS.clear()
 
 

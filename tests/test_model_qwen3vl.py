@@ -1,17 +1,15 @@
-"""Qwen3-VL parity with transformers on a tiny random config (fp32, CPU): logits, rope_index, the vision
-tower, and KV-cached decoding against the full forward. Run: .venv/bin/python -m pytest -q tests/test_model_qwen3vl.py
-The tests only know the architecture through the `models` fixture: tests/test_model_qwen2_5vl.py runs them again
-against Qwen2.5-VL with its own fixture.
+"""Parity with transformers on tiny random configs of both architectures (fp32, CPU), through the parametrized
+`models` fixture: logits, rope_index, the vision tower, and KV-cached decoding against the full forward.
+Qwen2.5-VL's own matters (windows, contiguous M-RoPE, key names): tests/test_model_qwen2_5vl.py.
+Run: .venv/bin/python -m pytest -q tests/test_model_qwen3vl.py
 """
 import copy
 
 import pytest
 import torch
-from transformers import Qwen3VLConfig as HFConfig
-from transformers import Qwen3VLForConditionalGeneration as HFModel
 
 import model
-from tiny import scramble_, tiny_qwen3vl_hf_dict
+from tiny import tiny_hf
 
 TOL = 1e-4
 PATCH = 8  # small patches keep pixel_values small; the code path is the same as with 16
@@ -19,17 +17,21 @@ IMG, V_START, V_END, PAD = 505, 503, 504, 0
 ERRORS = {}  # name -> max abs logit diff, printed at the end (pytest -s) for the issue's report
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """(hf, ours) with the same scrambled weights; ours loaded through our own checkpoint reader."""
-    torch.manual_seed(0)
-    hf = scramble_(HFModel(HFConfig(**tiny_qwen3vl_hf_dict(patch_size=PATCH))), seed=1).eval()
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen2_5_vl"])
+def models(request, tmp_path_factory):
+    """(hf, ours) of each architecture with the same scrambled weights; ours loaded through our checkpoint reader.
+    The tiny Qwen2.5-VL tower attends in windows of 2 x 2 merged tokens in blocks 0 and 2, so every image here spans
+    several windows, some cut short at the edges."""
+    ERRORS.clear()
+    hf = tiny_hf(request.param, patch_size=PATCH)
     path = tmp_path_factory.mktemp("hf_tiny")
     hf.save_pretrained(path)
     ours = model.load(path)
+    assert type(ours).__name__ == {"qwen3_vl": "Qwen3VL", "qwen2_5_vl": "Qwen2_5_VL"}[request.param]
     yield hf, ours
     if ERRORS:
-        print("\nmax abs logit differences:", {k: f"{v:.2e}" for k, v in ERRORS.items()})
+        print(f"\n{request.param} max abs logit differences:", {k: f"{v:.2e}" for k, v in ERRORS.items()})
+    ERRORS.clear()
 
 
 def make_prompt(grids, gen, pre=3, between=4, post=5):

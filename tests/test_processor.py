@@ -14,7 +14,7 @@ from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
-from model.processor import Processor, load_image, load_processor, smart_resize
+from model.processor import load_image, load_processor, smart_resize
 from model.tokenizer import build_tokenizer
 
 CORPUS = ["What is in this image? Is it safe? Describe the picture and the text in it.",

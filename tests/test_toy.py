@@ -238,6 +238,7 @@ def test_make_batch_layout():
     assert b["pixel_values"] is None and b["image_grid_thw"] is None
 
 
+@pytest.mark.slow
 def test_warm_start_teaches_the_format(toy_dir):
     import model as vlm
     from sample import generate

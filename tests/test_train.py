@@ -162,6 +162,7 @@ def test_killed_during_checkpoint_write_leaves_previous_loadable(tmp_path):
 DIST_SCRIPT = os.path.join(ROOT, "tests", "dist_grad_check.py")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp,extra", [(False, []), (True, []), (False, ["--ppo_epochs=2"]),
                                         (False, ["--dynamic_sampling=true"]), (False, ["--lora_rank=4"]),
                                         (True, ["--lora_rank=4"])])
@@ -185,6 +186,7 @@ def test_two_processes_match_one_process(tmp_path, fsdp, extra):
     worst = max(float((g1[k] - g2[k]).abs().max()) for k in g1)
     assert worst <= 1e-5, worst
     assert abs(s1["pg_loss"] - s2["pg_loss"]) <= 1e-5 and abs(s1["kl"] - s2["kl"]) <= 1e-5
+    assert s1["draws"] == s2["draws"]
     assert any(float(g.abs().max()) > 0 for g in g1.values())
 
 
@@ -252,6 +254,7 @@ def test_decoded_response_with_stop_token_passes_the_format_gate(tmp_path):
     assert rewards.score(decoded[0], rec.labels)[0] == 1.0
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_checkpoint_and_resume(tmp_path):
     """torchrun --nproc_per_node=2 --fsdp=true: checkpoints gather the sharded policy and optimizer state on every
     rank (rank 0 writes), and a run resumed from step 1 repeats the uninterrupted run's steps 2 and 3."""

@@ -25,6 +25,7 @@ def metrics(out_dir):
     return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl")) if "reward" in line]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [
     ["--ppo_epochs=2", "--micro_batch_size=2"],                   # used to crash on uneven response lengths
     ["--kl_in_reward=true"], ["--kl_in_reward=true", "--kl_target=0.05", "--kl_kind=k1"],

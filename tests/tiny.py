@@ -97,3 +97,18 @@ def scramble_(module, seed: int = 0, scale: float = 0.1):
             else:
                 p.copy_(scale * noise if p.dim() > 1 else 0.5 * scale * noise)
     return module
+
+
+def tiny_hf(arch: str, tie: bool = False, seed: int = 1, patch_size: int = 8):
+    """A tiny transformers model of `arch` ("qwen3_vl" | "qwen2_5_vl"), scrambled (parity tests' reference); tie=True
+    shares lm_head with the embedding (as Qwen3-VL-2B / Qwen2.5-VL-3B)."""
+    if arch == "qwen3_vl":
+        from transformers import Qwen3VLConfig as HFConfig
+        from transformers import Qwen3VLForConditionalGeneration as HFModel
+        d = tiny_qwen3vl_hf_dict(patch_size=patch_size, tie_word_embeddings=tie)
+    else:
+        from transformers import Qwen2_5_VLConfig as HFConfig
+        from transformers import Qwen2_5_VLForConditionalGeneration as HFModel
+        d = tiny_qwen2_5vl_hf_dict(patch_size=patch_size, tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    return scramble_(HFModel(HFConfig(**d)), seed=seed).eval()
