@@ -8,43 +8,15 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedModel
 from transformers import Qwen3VLConfig as HFConfig
 
 import model
 from model import checkpoint
+from parity import PATCH, assert_close, logits_of
 from tiny import tiny_hf
-
-TOL = 1e-4
-PATCH = 8
-IMG = 505
-GRID = [(1, 4, 6)]
-
 
 def hf_model(tie=False, seed=1):
     return tiny_hf("qwen3_vl", tie, seed, PATCH)
-
-
-def inputs():
-    gen = torch.Generator().manual_seed(0)
-    ids = [1, 2, 3, 503] + [IMG] * 6 + [504] + torch.randint(0, 500, (8,), generator=gen).tolist()
-    ids = torch.tensor([ids])
-    pixels = torch.randn(24, 3 * 2 * PATCH * PATCH, generator=gen)
-    return ids, pixels, torch.tensor(GRID)
-
-
-@torch.no_grad()
-def logits_of(m):
-    """Logits of ours or of a transformers model (either architecture) on one image prompt."""
-    ids, pixels, grid = inputs()
-    if isinstance(m, PreTrainedModel):
-        return m(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=(ids == IMG).int()).logits
-    return m(ids, pixel_values=pixels, image_grid_thw=grid)
-
-
-def assert_close(a, b):
-    err = (a - b).abs().max().item()
-    assert err <= TOL, f"max abs diff {err:.3e}"
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_checkpoint import assert_close, logits_of
-from test_model_qwen3vl import ERRORS, PATCH, TOL, left_pad, make_pixels
-from test_processor import CORPUS, assert_same, hf_encode, hf_processor, make_dir, random_image
 from transformers import Qwen2_5_VLConfig as HFConfig
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.vision_utils import get_vision_window_index
@@ -20,12 +17,14 @@ from transformers.vision_utils import get_vision_window_index
 import model
 from model.processor import load_processor
 from model.rope import mrope_axes, mrope_cos_sin, rope_index
+from parity import (CORPUS, PATCH, TOL, assert_close, assert_same, hf_encode, hf_processor, left_pad, logits_of,
+                    make_dir, make_pixels, random_image)
 from tiny import tiny_hf
 from model.tokenizer import build_tokenizer
 from model.vision_qwen2_5 import window_order
 
 GRID = [(1, 6, 10)]  # 3 x 5 merged tokens: 2 x 3 windows of 2 x 2, the last row and column cut short
-# (test_checkpoint's logits_of runs a (1, 4, 6) image: 2 x 3 merged tokens, two windows, one cut short)
+# (parity.logits_of runs a (1, 4, 6) image: 2 x 3 merged tokens, two windows, one cut short)
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +42,9 @@ def hf_dir(hf, tmp_path_factory):
 @pytest.fixture(scope="module")
 def models(hf, hf_dir):
     """(hf, ours) with the same scrambled weights; ours loaded through our own checkpoint reader."""
-    ERRORS.clear()
     ours = model.load(hf_dir)
     assert type(ours) is model.Qwen2_5_VL  # picked from config.json's model_type
-    yield hf, ours
-    ERRORS.clear()
+    return hf, ours
 
 
 # ---- window attention ----

@@ -9,11 +9,9 @@ import pytest
 import torch
 
 import model
+from parity import IMG, PAD, PATCH, TOL, V_END, V_START, left_pad, make_pixels
 from tiny import tiny_hf
 
-TOL = 1e-4
-PATCH = 8  # small patches keep pixel_values small; the code path is the same as with 16
-IMG, V_START, V_END, PAD = 505, 503, 504, 0
 ERRORS = {}  # name -> max abs logit diff, printed at the end (pytest -s) for the issue's report
 
 
@@ -41,21 +39,6 @@ def make_prompt(grids, gen, pre=3, between=4, post=5):
     for t, h, w in grids:
         ids += [V_START] + [IMG] * (t * h * w // 4) + [V_END] + rand(between)
     return ids + rand(post)
-
-
-def make_pixels(grids, gen):
-    return torch.randn(sum(t * h * w for t, h, w in grids), 3 * 2 * PATCH * PATCH, generator=gen)
-
-
-def left_pad(rows):
-    """list of id lists -> (ids (B, T), mask (B, T)) left-padded."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), PAD)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r):] = torch.tensor(r)
-        mask[b, T - len(r):] = 1
-    return ids, mask
 
 
 def hf_logits(hf, ids, mask=None, pixels=None, grids=None, position_ids=None):

@@ -10,15 +10,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
-from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
 from model.processor import load_image, load_processor, smart_resize
 from model.tokenizer import build_tokenizer
+from parity import CORPUS, assert_same, hf_encode, hf_processor, make_dir, random_image
 
-CORPUS = ["What is in this image? Is it safe? Describe the picture and the text in it.",
-          "<think>\nA knife on a table.\n</think>\n<answer>It is a kitchen knife.</answer>"] * 10
 PROMPT = "What is in this image?"
 
 # The Qwen3-VL release settings, in the transformers-5 `size` form.
@@ -34,61 +31,9 @@ SMALL_BUDGET_CONFIG = {"min_pixels": 32 * 32 * 8, "max_pixels": 32 * 32 * 60, "p
 SPARSE_CONFIG = {"image_processor_type": "Qwen2VLImageProcessor"}
 
 
-def without_video_processor(processor_class):
-    """transformers' processor class, usable without a video processor: that one needs torchvision, which is not
-    installed. Only the class check of the (unused) video processor is skipped; the text and image paths are HF's."""
-
-    class NoVideoProcessor(processor_class):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    return NoVideoProcessor
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer(CORPUS, vocab_size=320)
-
-
-def make_dir(root, tokenizer, config):
-    os.makedirs(root, exist_ok=True)
-    tokenizer.save_pretrained(root, save_jinja_files=False)
-    with open(os.path.join(root, "preprocessor_config.json"), "w") as f:
-        json.dump(config, f)
-    return str(root)
-
-
-def hf_processor(path, processor_class=Qwen3VLProcessor):
-    image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-    assert type(image_processor).__name__ == "Qwen2VLImageProcessorPil"  # what transformers picks without torchvision
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    hf_class = without_video_processor(processor_class)
-    return hf_class(image_processor=image_processor, tokenizer=tok, video_processor=None)
-
-
-def hf_encode(proc, content, images):
-    """The standard Qwen3-VL recipe: render with the tokenizer's template, then processor(text, images)."""
-    text = proc.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                              add_generation_prompt=True)
-    return proc(text=[text], images=images or None, return_tensors="pt")
-
-
-def random_image(h, w, seed, mode="RGB"):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
-
-
-def assert_same(ours, theirs, n_images):
-    assert ours["input_ids"].dtype == torch.long and ours["input_ids"].dim() == 1
-    assert torch.equal(ours["input_ids"], theirs["input_ids"][0])
-    if n_images == 0:
-        assert ours["pixel_values"] is None and ours["image_grid_thw"] is None
-        return
-    assert ours["pixel_values"].dtype == torch.float32 == theirs["pixel_values"].dtype
-    assert torch.equal(ours["pixel_values"], theirs["pixel_values"])       # bit for bit
-    assert torch.equal(ours["image_grid_thw"], theirs["image_grid_thw"])
 
 
 @pytest.fixture(scope="module")
