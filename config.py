@@ -151,10 +151,12 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # lr 5e-4 sometimes never settled that second phase (seed 0: over-refusal swinging between 0.3 and 0.8 at step 90);
 # at 3e-4 it sometimes came too late (seed 3: compositional refusal 0.32 after 150 steps): once most groups are
 # answered alike they get advantage 0 yet still dilute the token mean. Dynamic sampling (DAPO) fills each step with
-# groups whose rewards differ (at most two rollouts of 32 prompts; the rollout is a fifth of a CPU step), and every
-# seed and thread count tried then settled (README: the seed table).
+# groups whose rewards differ (at most two rollouts of 16 prompts), and each step's 16 groups are two updates of 8:
+# at 32 prompts and one update per step a run took ~16 minutes on 2 cores, at 16 and one update seed 3 was still
+# over-refusing (0.098) after 150 steps; with two updates 11 of 12 runs (seeds 0-5 x 1, 2 threads) met the
+# acceptance, seed 0 on one thread ended over-refusing 0.144 (README: the seed table).
 TOY_PRESET = dict(
-    epochs=1000, max_steps=150, prompts_per_step=32, group_size=8, mini_batch_prompts=32,
+    epochs=1000, max_steps=150, prompts_per_step=16, group_size=8, mini_batch_prompts=8,
     micro_batch_size=256, lr=3e-4, lr_schedule="cosine", warmup_steps=0, kl_coef=0.01, max_prompt_len=512,
     dynamic_sampling=True, max_draws=2,
     max_new_tokens=80,
