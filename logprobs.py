@@ -8,10 +8,10 @@ rollout engine decoded them, so the sampler's log-probs and these agree (tests/t
 """
 import torch
 
-import grpo
-from engine import left_pad
+from decode import left_pad
 from model.prefix import GroupedForward, grouped_logits
 from parallel import autocast_ctx
+from tokenprobs import token_logprobs
 
 
 def collate(prompts: list[dict], response_ids: torch.Tensor, response_mask: torch.Tensor, pad_id: int, device,
@@ -44,7 +44,7 @@ def response_logprobs(model, batch: dict, response_ids: torch.Tensor, temperatur
     logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
                    pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
                    image_mask=batch["image_mask"], logits_to_keep=R + 1)[:, :-1]
-    return grpo.token_logprobs(logits, response_ids, temperature=temperature), logits
+    return token_logprobs(logits, response_ids, temperature=temperature), logits
 
 
 def collate_groups(prompts: list[dict], prompt_index: torch.Tensor, response_ids, response_mask, pad_id: int,
@@ -75,7 +75,7 @@ def micro_logprobs(model, prompts, ro, rows: list[int], cfg, device, pad_id: int
                 logits, anchor = model(**batch)
             else:
                 logits, anchor = grouped_logits(model, **batch)
-            logp = grpo.token_logprobs(logits, resp, temperature=cfg.temperature) + anchor
+            logp = token_logprobs(logits, resp, temperature=cfg.temperature) + anchor
         else:
             net = getattr(model, "module", model)  # DDP keeps the model in .module
             batch = collate([prompts[int(ro.prompt_index[r])] for r in rows], resp.cpu(), mask.cpu(), pad_id,

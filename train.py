@@ -20,7 +20,8 @@ import trainstate
 from config import Config, help_text, parse_config
 from data.stream import drop_overlong, encode, epoch_length, load_split, stream_ids
 from data.warmstart import prepare_toy_model
-from engine import Engine, Rollout, hash64
+from decode import hash64
+from engine import Engine, Rollout
 from logprobs import all_logprobs, micro_logprobs
 from parallel import (RolloutPolicy, all_gather_objects, all_reduce_sum, autocast_ctx, barrier, build_policy,
                       build_reference, check_finite, full_states, init_distributed, load_optimizer_state,

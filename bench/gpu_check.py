@@ -170,6 +170,7 @@ def cmd_decode(args) -> dict:
     """The engine's decode step on its own: ms per step for 8 / 64 / 256 rows (1 / 8 / 32 groups of G=8 after the
     sampler prompt) at two response-length buckets, CUDA graph vs eager, kernels per step, GPU busy fraction, against
     the bandwidth bound (text weight bytes / measured copy bandwidth)."""
+    import decode
     import engine
     import model as vlm
     from bench.sampler import count_ops
@@ -202,7 +203,7 @@ def cmd_decode(args) -> dict:
     st = eng.state
     out["setup_s"], out["graphs"], out["capture_s"] = time.perf_counter() - t0, len(st.graphs), st.capture_s
     st.reset()
-    st.admit(list(range(groups[-1])), [prompt] * groups[-1], engine.row_keys(0, groups[-1], G), 0)
+    st.admit(list(range(groups[-1])), [prompt] * groups[-1], decode.row_keys(0, groups[-1], G), 0)
     lengths = sorted({engine._bucket(min(N, max(N // 2, 16)), engine.length_buckets(N)), N})
     rows = {}
     for g in groups:

@@ -167,15 +167,15 @@ class StepClock:
 def profile_ours(ref_holder: dict):
     import torch
 
-    import engine
+    import decode
     import grpo
     import train
     P = PHASES
     P.wrap(train, "encode", "prompt encoding (chat template, image patches)")
     P.wrap(train, "rollout", "rollout total (generate + decode + reward)")
-    P.wrap(engine, "prefill", "  prefill (vision + prompt)")
-    P.wrap(engine.Decoder, "forward", "  decode forwards")
-    P.wrap(engine, "sample", "  sampling (softmax, cumsum)")
+    P.wrap(decode, "prefill", "  prefill (vision + prompt)")
+    P.wrap(decode.Decoder, "forward", "  decode forwards")
+    P.wrap(decode, "sample", "  sampling (softmax, cumsum)")
     P.wrap(train, "micro_logprobs", lambda model, *a, **k:
            "reference forward" if model is ref_holder.get("ref") else "policy forward (+ log-probs)")
     P.wrap(grpo, "policy_loss", "loss (clip, KL, entropy)")

@@ -156,6 +156,7 @@ def decode_step_ops(layers: int, G: int = 8) -> dict:
     not depend on the width), after the reference prompt."""
     import dataclasses
 
+    import decode
     import engine
     from model.qwen3_vl import Qwen3VL
     cfg = bench_config()
@@ -166,7 +167,7 @@ def decode_step_ops(layers: int, G: int = 8) -> dict:
     eng.generate([prompt], group_size=G, max_new_tokens=16)
     st = eng.state
     st.reset()
-    st.admit([0], [prompt], engine.row_keys(0, 1, G), 0)
+    st.admit([0], [prompt], decode.row_keys(0, 1, G), 0)
     st.rows, st.length = G, 8
     with torch.no_grad():
         return count_ops(st.step)

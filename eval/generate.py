@@ -88,9 +88,9 @@ def user_text(question: str, config: GenerationConfig) -> str:
 
 def record_seed(seed: int, record_id: str) -> int:
     """The sampling key of one record: a function of (seed, id) only, so a record's samples do not depend on
-    the batch it lands in (batch size, or what was left after a crash). The project's one key hash (engine.hash64)
+    the batch it lands in (batch size, or what was left after a crash). The project's one key hash (decode.hash64)
     over the seed and the id's 64-bit digest."""
-    from engine import hash64
+    from decode import hash64
     return hash64(seed, int.from_bytes(hashlib.blake2b(record_id.encode("utf-8"), digest_size=8).digest(), "little"))
 
 

@@ -8,7 +8,8 @@ shared prefix, no slots, no buckets, no graphs, Python-side randomness.
 """
 import torch
 
-from engine import Rollout, prefill, row_keys, sample, uniforms
+from decode import prefill, row_keys, sample, uniforms
+from engine import Rollout
 
 
 @torch.no_grad()

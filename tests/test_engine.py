@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import decode
 import engine
 import logprobs
 from engine import Engine
@@ -172,7 +173,7 @@ def admitted(net, prompts, G=3, N=12, **engine_kw):
     st = eng.state
     st.reset()
     st.is_stop[:40] = True
-    st.admit(list(range(len(prompts))), prompts, engine.row_keys(0, len(prompts), G), 0)
+    st.admit(list(range(len(prompts))), prompts, decode.row_keys(0, len(prompts), G), 0)
     st.rows, st.length = len(prompts) * G, N
     return st
 
@@ -220,11 +221,11 @@ def test_step_never_synchronises_with_the_host(tiny, monkeypatch):
 
 
 def test_device_uniforms_equal_host_uniforms():
-    keys = engine.row_keys(seed=3, num_prompts=20, group_size=8) + [0, engine.MASK64, 1 << 63]
-    mixed = torch.tensor([engine._as_int64(engine.splitmix64(k)) for k in keys])
+    keys = decode.row_keys(seed=3, num_prompts=20, group_size=8) + [0, decode.MASK64, 1 << 63]
+    mixed = torch.tensor([decode._as_int64(decode.splitmix64(k)) for k in keys])
     for step in (0, 1, 77, 4095):
-        want = torch.tensor(engine.uniforms(keys, step), dtype=torch.float64)
-        got = engine.uniforms_t(mixed, torch.full_like(mixed, step))
+        want = torch.tensor(decode.uniforms(keys, step), dtype=torch.float64)
+        got = decode.uniforms_t(mixed, torch.full_like(mixed, step))
         assert torch.equal(got, want), step
 
 

@@ -11,16 +11,17 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
-import grpo
 import model
 import trainstate
 from conftest import STOP, build_tiny, make_prompts
-from engine import Engine, left_pad, row_keys
+from decode import left_pad, row_keys
+from engine import Engine
 from model.lora import (ADAPTER_CONFIG, LoRALinear, adapters_disabled, add_lora, check_targets, freeze_vision,
                         is_lora_key, load_adapters, lora_config, lora_modules, lora_state_dict, merge_lora, merged,
                         merged_state_dict, save_adapters, save_merged, trainable_parameters, unmerge_lora)
 from model.prefix import grouped_logits
 from oracle import check_step_compiles
+from tokenprobs import token_logprobs
 
 ARCHS = ("qwen3_vl", "qwen2_5_vl")
 HF_CLASS = {"qwen3_vl": Qwen3VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
@@ -62,13 +63,13 @@ def training_logprobs(net, prompts, ids, mask, shared: bool):
     if shared:
         prompt_ids, prompt_mask, pixels, grid = left_pad(prompts, 0, "cpu")
         logits, _ = grouped_logits(net, prompt_ids, prompt_mask, pixels, grid, ids, mask, prompt_index)
-        return grpo.token_logprobs(logits, ids) * mask
+        return token_logprobs(logits, ids) * mask
     out = []
     for r, i in enumerate(prompt_index.tolist()):
         n = int(mask[r].sum())
         full = torch.cat([prompts[i]["input_ids"], ids[r, :n]])[None]
         logits = net(full, pixel_values=prompts[i].get("pixel_values"), image_grid_thw=prompts[i].get("image_grid_thw"))
-        lp = grpo.token_logprobs(logits[:, -n - 1:-1], ids[r:r + 1, :n])[0]
+        lp = token_logprobs(logits[:, -n - 1:-1], ids[r:r + 1, :n])[0]
         out.append(torch.cat([lp, lp.new_zeros(ids.shape[1] - n)]))
     return torch.stack(out)
 
