@@ -157,7 +157,7 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # acceptance, seed 0 on one thread ended over-refusing 0.144 (README: the seed table).
 TOY_PRESET = dict(
     epochs=1000, max_steps=150, prompts_per_step=16, group_size=8, mini_batch_prompts=8,
-    micro_batch_size=256, lr=3e-4, lr_schedule="cosine", warmup_steps=0, kl_coef=0.01, max_prompt_len=512,
+    micro_batch_size=256, lr=3e-4, lr_schedule="cosine", warmup_steps=0, kl_coef=0.05, max_prompt_len=512,
     dynamic_sampling=True, max_draws=2,
     max_new_tokens=80,
     eval_every=0, save_every=20, eval_batch_size=128, step_guided=False,
