@@ -151,10 +151,12 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # lr 5e-4 sometimes never settled that second phase (seed 0: over-refusal swinging between 0.3 and 0.8 at step 90);
 # at 3e-4 it sometimes came too late (seed 3: compositional refusal 0.32 after 150 steps): once most groups are
 # answered alike they get advantage 0 yet still dilute the token mean. Dynamic sampling (DAPO) fills each step with
-# groups whose rewards differ (at most two rollouts of 16 prompts), and each step's 16 groups are two updates of 8:
-# at 32 prompts and one update per step a run took ~16 minutes on 2 cores, at 16 and one update seed 3 was still
-# over-refusing (0.098) after 150 steps; with two updates 11 of 12 runs (seeds 0-5 x 1, 2 threads) met the
-# acceptance, seed 0 on one thread ended over-refusing 0.144 (README: the seed table).
+# groups whose rewards differ (at most two rollouts of 16 prompts), and each step's 16 groups are two updates of 8
+# (32 prompts and one update per step took ~16 minutes on 2 cores; 16 and one update left seed 3 over-refusing).
+# KL 0.05, not the paper's 0.01: at 0.01 one run in 12 (seed 0, 1 thread) locked into a shortcut by step 40, "refuse
+# every 'leave it on my baby's bed'" whatever the object; all 8 samples of such a prompt then refuse, the group's
+# advantage is 0, and nothing pulls it back but the KL to the warm start, which still helps there 80% of the time.
+# At 0.05 that run ended at over-refusal 0.014 (README: the seed table, seeds 0-5 x 1, 2 threads).
 TOY_PRESET = dict(
     epochs=1000, max_steps=150, prompts_per_step=16, group_size=8, mini_batch_prompts=8,
     micro_batch_size=256, lr=3e-4, lr_schedule="cosine", warmup_steps=0, kl_coef=0.05, max_prompt_len=512,

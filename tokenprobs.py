@@ -4,6 +4,7 @@ training forward (logprobs.py) and the loss (grpo.py); the rollout's sampler com
 """
 import torch
 
+
 def _chunks(B, T, chunk_size):
     """(batch slice, time slice) pairs covering (B, T) with at most chunk_size rows each; always views."""
     if B == 0 or T == 0:
