@@ -123,7 +123,13 @@ def test_lora_checkpoints_hold_adapters_and_resume_exactly(tmp_path):
     train.main(QUICK + lora + [f"--out_dir={part}", "--resume=true"])
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "rollout_time", "step_time")}  # noqa: E731
                           for r in rows]
-    assert strip(metrics(part))[1:] == strip(metrics(full))[1:]
+    # The same samples and updates; the sampler's log-probs (mismatch_max) may differ by a rounding: a resumed
+    # engine's slots are sized for this step's prompts, the uninterrupted one's for an earlier step's (attention
+    # over more masked positions sums in another order).
+    for resumed, uninterrupted in zip(strip(metrics(part))[1:], strip(metrics(full))[1:]):
+        assert resumed == pytest.approx(uninterrupted, abs=1e-5, rel=0)
+        assert {k: v for k, v in resumed.items() if "mismatch" not in k} == \
+            {k: v for k, v in uninterrupted.items() if "mismatch" not in k}
     import model
     merged = model.load(os.path.join(full, "final"))
     assert torch.isfinite(next(merged.parameters())).all()
