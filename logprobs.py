@@ -8,9 +8,9 @@ rollout engine decoded them, so the sampler's log-probs and these agree (tests/t
 """
 import torch
 
-from decode import left_pad
+from model.processor import left_pad
 from model.prefix import GroupedForward, grouped_logits
-from parallel import autocast_ctx
+from runtime.parallel import autocast_ctx
 from tokenprobs import token_logprobs
 
 

@@ -12,7 +12,7 @@ import sys
 import torch
 
 import rewards
-from engine import Engine, Rollout
+from rollout.engine import Engine, Rollout
 
 
 def generate(model, prompts: list[dict], group_size: int, max_new_tokens: int, temperature: float = 1.0,

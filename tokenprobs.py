@@ -1,6 +1,6 @@
 """Per-token fp32 log-probs and entropies of softmax(logits / temperature), chunked over (batch, time), so the full
 (B, T, V) fp32 softmax of a long response never exists at once (the vocabulary is ~150k for Qwen-VL). Used by the
-training forward (logprobs.py) and the loss (grpo.py); the rollout's sampler computes the same log-prob (decode.sample).
+training forward (logprobs.py) and the loss (grpo.py); the rollout's sampler computes the same log-prob (rollout.sampling.sample).
 """
 import torch
 

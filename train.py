@@ -13,20 +13,20 @@ from contextlib import nullcontext
 import torch
 
 import grpo
-import memory_plan
+from runtime import memory_plan
 import rewards
 import safety_metrics
-import trainstate
+from runtime import checkpoints
 from config import Config, help_text, parse_config
 from data.stream import drop_overlong, encode, epoch_length, load_split, stream_ids
 from data.warmstart import prepare_toy_model
-from decode import hash64
-from engine import Engine, Rollout
+from rollout.randomness import hash64
+from rollout.engine import Engine, Rollout
 from logprobs import all_logprobs, micro_logprobs
-from parallel import (RolloutPolicy, all_gather_objects, all_reduce_sum, autocast_ctx, barrier, build_policy,
+from runtime.parallel import (RolloutPolicy, all_gather_objects, all_reduce_sum, autocast_ctx, barrier, build_policy,
                       build_reference, check_finite, full_states, init_distributed, load_optimizer_state,
                       rollout_kv_budget, shutdown, uses_fsdp)
-from trainlog import MetricsLog, StatSums, plot_curves
+from runtime.logs import MetricsLog, StatSums, plot_curves
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"config:\n{cfg.to_json()}", flush=True)
     os.makedirs(cfg.out_dir, exist_ok=True)
     if rank == 0:
-        trainstate.write_json(os.path.join(cfg.out_dir, "config.json"), cfg.to_dict())
+        checkpoints.write_json(os.path.join(cfg.out_dir, "config.json"), cfg.to_dict())
 
     # ---- data: the prompts, overlong ones dropped; the held-out split
     import model as vlm
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     updates_per_step = cfg.ppo_epochs * cfg.prompts_per_step // cfg.mini_batch_prompts
 
     # ---- models: the policy (DDP or FSDP2), the frozen reference, AdamW and its schedule; or a resumed run
-    resume = trainstate.latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    resume = checkpoints.latest_checkpoint(cfg.out_dir) if cfg.resume else None
     wrapped, net = build_policy(init_path, cfg, device, world, resume_dir=resume and os.path.join(resume, "policy"))
     ref_model = build_reference(init_path, cfg, device, net)  # None without a KL term
     # fused AdamW: 3x faster on CPU, but not for FSDP2's DTensors; frozen parameters (LoRA's base) get no state
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
     start_step, cursor, nonfinite, summary = 0, 0, 0, {}
     if resume:
         # under FSDP only rank 0 reads the optimizer tensors (a full fp32 AdamW state per rank would not fit)
-        ck = trainstate.load_checkpoint(resume, optimizer=rank == 0 or not fsdp)
+        ck = checkpoints.load_checkpoint(resume, optimizer=rank == 0 or not fsdp)
         load_optimizer_state(wrapped, optimizer, ck["optimizer"], cfg)
         state = ck["trainer_state"]
         scheduler.load_state_dict(state["scheduler"])
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
         check_finite(net)
         save_policy, optim_state = full_states(wrapped, net, optimizer, cfg, extras_from=init_path)
         if rank == 0:
-            trainstate.save_checkpoint(cfg.out_dir, step, save_policy, optim_state, dict(
+            checkpoints.save_checkpoint(cfg.out_dir, step, save_policy, optim_state, dict(
                 step=step, cursor=cursor, nonfinite=nonfinite, scheduler=scheduler.state_dict(), summary=summary,
                 kl_coef=kl_ctl.value, config=cfg.to_dict()), keep_last=cfg.keep_last)
         barrier()
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
         log(metrics_log.console(step + 1, total_steps, m), flush=True)
         if nonfinite > cfg.max_nonfinite:
             raise RuntimeError(f"stopping: {nonfinite} non-finite updates exceed --max_nonfinite={cfg.max_nonfinite}; "
-                               f"the last good checkpoint is {trainstate.latest_checkpoint(cfg.out_dir)}")
+                               f"the last good checkpoint is {checkpoints.latest_checkpoint(cfg.out_dir)}")
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps and eval_records:
             metrics_log.log(step + 1, {f"eval_{k}": v for k, v in run_eval(f"step {step + 1}", eval_records).items()
                                        if isinstance(v, float)})
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  final=True)
     if rank == 0:
         save_policy(os.path.join(cfg.out_dir, "final"))
-        trainstate.write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+        checkpoints.write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
         png = plot_curves(metrics_log.read(), os.path.join(cfg.out_dir, "curves.png"))
         log(f"the trained model: {os.path.join(cfg.out_dir, 'final')}; wrote summary.json" +
             (f" and {png}" if png else ""), flush=True)

@@ -170,8 +170,8 @@ def cmd_decode(args) -> dict:
     """The engine's decode step on its own: ms per step for 8 / 64 / 256 rows (1 / 8 / 32 groups of G=8 after the
     sampler prompt) at two response-length buckets, CUDA graph vs eager, kernels per step, GPU busy fraction, against
     the bandwidth bound (text weight bytes / measured copy bandwidth)."""
-    import decode
-    import engine
+    from rollout import randomness
+    from rollout import engine
     import model as vlm
     from bench.sampler import count_ops
     device, dtype = setting()
@@ -203,7 +203,7 @@ def cmd_decode(args) -> dict:
     st = eng.state
     out["setup_s"], out["graphs"], out["capture_s"] = time.perf_counter() - t0, len(st.graphs), st.capture_s
     st.reset()
-    st.admit(list(range(groups[-1])), [prompt] * groups[-1], decode.row_keys(0, groups[-1], G), 0)
+    st.admit(list(range(groups[-1])), [prompt] * groups[-1], randomness.row_keys(0, groups[-1], G), 0)
     lengths = sorted({engine._bucket(min(N, max(N // 2, 16)), engine.length_buckets(N)), N})
     rows = {}
     for g in groups:
@@ -253,7 +253,7 @@ def cmd_sampler(args) -> dict:
     """The engine (bf16, CUDA graphs, kept across calls as the trainer keeps it) vs HF generate
     (num_return_sequences=G, its dynamic KV cache), same weights, exactly G x N new tokens on both sides (no stop
     tokens / min_new_tokens = N), for 1 prompt x G and P prompts x G."""
-    import engine
+    from rollout import engine
     import model as vlm
     device, dtype = setting()
     G, runs = args.G, args.runs
@@ -319,10 +319,10 @@ def cmd_mismatch(args) -> dict:
     samples of N tokens from the engine, their log-probs recomputed by the training forward (logprobs.micro_logprobs,
     shared prefix); mean and max |delta| over all rollout tokens, and the token-level KL estimates k1 = E[delta]
     and k3 = E[exp(-delta) + delta - 1] (delta = logp_sampler - logp_train, tokens drawn by the sampler)."""
-    import engine
+    from rollout import engine
     import model as vlm
     from logprobs import all_logprobs
-    from parallel import autocast_ctx
+    from runtime.parallel import autocast_ctx
     device, _ = setting()
     cfg = bench_config(args, args.dir)
     net = vlm.load(args.dir, device=device, dtype=torch.float32)
@@ -360,10 +360,10 @@ def cmd_grpo(args) -> dict:
     the last step's time split into rollout, old log-probs, reference forward, policy forward (+ loss), backward,
     optimizer (clip + AdamW), each phase bracketed by device synchronisations. Rewards are seeded random numbers
     (the reward is CPU string work)."""
-    import engine
+    from rollout import engine
     import grpo
     import train
-    from parallel import autocast_ctx, rollout_kv_budget
+    from runtime.parallel import autocast_ctx, rollout_kv_budget
     device, _ = setting()
     cfg = bench_config(args, args.dir)
     wrapped, net = train.build_policy(args.dir, cfg, device, world=1)

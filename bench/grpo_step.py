@@ -167,15 +167,15 @@ class StepClock:
 def profile_ours(ref_holder: dict):
     import torch
 
-    import decode
     import grpo
     import train
+    from rollout import step
     P = PHASES
     P.wrap(train, "encode", "prompt encoding (chat template, image patches)")
     P.wrap(train, "rollout", "rollout total (generate + decode + reward)")
-    P.wrap(decode, "prefill", "  prefill (vision + prompt)")
-    P.wrap(decode.Decoder, "forward", "  decode forwards")
-    P.wrap(decode, "sample", "  sampling (softmax, cumsum)")
+    P.wrap(step, "prefill", "  prefill (vision + prompt)")
+    P.wrap(step.Decoder, "forward", "  decode forwards")
+    P.wrap(step, "sample", "  sampling (softmax, cumsum)")
     P.wrap(train, "micro_logprobs", lambda model, *a, **k:
            "reference forward" if model is ref_holder.get("ref") else "policy forward (+ log-probs)")
     P.wrap(grpo, "policy_loss", "loss (clip, KL, entropy)")

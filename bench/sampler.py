@@ -91,7 +91,7 @@ class PeakRSS:
 
 def run_ours(path, prompt, G, N):
     """The rollout engine, kept across calls as the trainer keeps it (its buffers are reused)."""
-    import engine
+    from rollout import engine
     import model
     net = model.load(path)
     eng = engine.Engine(net)
@@ -156,8 +156,8 @@ def decode_step_ops(layers: int, G: int = 8) -> dict:
     not depend on the width), after the reference prompt."""
     import dataclasses
 
-    import decode
-    import engine
+    from rollout import randomness
+    from rollout import engine
     from model.qwen3_vl import Qwen3VL
     cfg = bench_config()
     cfg.text = dataclasses.replace(cfg.text, num_hidden_layers=layers)
@@ -167,7 +167,7 @@ def decode_step_ops(layers: int, G: int = 8) -> dict:
     eng.generate([prompt], group_size=G, max_new_tokens=16)
     st = eng.state
     st.reset()
-    st.admit([0], [prompt], decode.row_keys(0, 1, G), 0)
+    st.admit([0], [prompt], randomness.row_keys(0, 1, G), 0)
     st.rows, st.length = G, 8
     with torch.no_grad():
         return count_ops(st.step)

@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import sources
-from data.files import write_json
+from runtime.files import write_json
 from data.judge import MODALITIES, JudgeError, LocalModelJudge, MalformedReply, OpenAIJudge, load_judge_prompt, parse_judgement
 from data.safetag import IMAGE_MARKER, tag_combination
 from rewards import LABEL_KEYS

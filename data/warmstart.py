@@ -107,7 +107,7 @@ def prepare_toy_model(cfg, rank: int, device) -> str:
 
     import model as vlm
     from data import toy
-    from parallel import barrier
+    from runtime.parallel import barrier
     init_dir, ws_dir = os.path.join(cfg.out_dir, "toy_init"), os.path.join(cfg.out_dir, "warmstart")
     if rank == 0 and not os.path.isfile(os.path.join(ws_dir, "config.json")):
         if not os.path.isfile(os.path.join(init_dir, "config.json")):

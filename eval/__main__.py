@@ -11,7 +11,7 @@ import os
 import sys
 
 from config import TOY_PRESET
-from data.files import read_jsonl
+from runtime.files import read_jsonl
 from eval.benchmarks import LOADERS, MMSB_KINDS, VLGUARD_SUBSETS, BenchmarkError, read_prompt_file
 from eval.generate import read_settings
 from eval.judges import ChatClient, ChoiceJudge, JudgeError, LLMJudge, keyword_judge, run_judge

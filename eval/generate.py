@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 
-from data.files import append_jsonl, read_jsonl, write_json
+from runtime.files import append_jsonl, read_jsonl, write_json
 
 # ---------------------------------------------------------------------------------------------------------
 # Response spans (docs/method.md#output-format): <think> ... </think> <answer> ... </answer>. The chat template's
@@ -88,9 +88,9 @@ def user_text(question: str, config: GenerationConfig) -> str:
 
 def record_seed(seed: int, record_id: str) -> int:
     """The sampling key of one record: a function of (seed, id) only, so a record's samples do not depend on
-    the batch it lands in (batch size, or what was left after a crash). The project's one key hash (decode.hash64)
+    the batch it lands in (batch size, or what was left after a crash). The project's one key hash (rollout.randomness.hash64)
     over the seed and the id's 64-bit digest."""
-    from decode import hash64
+    from rollout.randomness import hash64
     return hash64(seed, int.from_bytes(hashlib.blake2b(record_id.encode("utf-8"), digest_size=8).digest(), "little"))
 
 

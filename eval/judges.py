@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import rewards
-from data.files import append_jsonl, read_jsonl, write_json
+from runtime.files import append_jsonl, read_jsonl, write_json
 from data.judge import JudgeError as RequestError
 from data.judge import chat_endpoint, data_uri, post_chat
 from eval.templates import Template, file_stem, fill_template, python_literals, template_fields

@@ -5,7 +5,7 @@ import math
 import os
 from collections import Counter
 
-from eval.metrics import compute_metrics, reward_metrics
+from eval.benchmark_metrics import compute_metrics, reward_metrics
 
 
 def build_report(benchmark: str, rows: list[dict], judged: dict, generation: dict | None = None) -> dict:

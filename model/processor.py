@@ -231,6 +231,21 @@ class Processor:
             json.dump(self.image_config(), f, indent=2)
 
 
+def left_pad(prompts: list[dict], pad_token_id: int, device):
+    """Processor.encode dicts -> input_ids (P, T) left-padded, attention_mask (P, T), pixel_values, grid."""
+    T = max(p["input_ids"].numel() for p in prompts)
+    ids = torch.full((len(prompts), T), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        n = p["input_ids"].numel()
+        ids[i, T - n:] = p["input_ids"]
+        mask[i, T - n:] = 1
+    pix = [p["pixel_values"] for p in prompts if p.get("pixel_values") is not None]
+    grid = [p["image_grid_thw"] for p in prompts if p.get("image_grid_thw") is not None]
+    return (ids.to(device), mask.to(device), torch.cat(pix).to(device) if pix else None,
+            torch.cat(grid).to(device) if grid else None)
+
+
 def write_chat_template(tokenizer, path: str) -> None:
     """chat_template.jinja: transformers' processor classes (AutoProcessor, Qwen3VLProcessor) read the template only
     from a file of its own, not from tokenizer_config.json, where the tokenizer keeps its copy."""

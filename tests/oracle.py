@@ -8,8 +8,12 @@ shared prefix, no slots, no buckets, no graphs, Python-side randomness.
 """
 import torch
 
-from decode import prefill, row_keys, sample, uniforms
-from engine import Rollout
+from rollout.randomness import row_keys, uniforms
+
+from rollout.sampling import sample
+
+from rollout.step import prefill
+from rollout.engine import Rollout
 
 
 @torch.no_grad()

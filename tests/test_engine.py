@@ -1,4 +1,4 @@
-"""engine.py and model/slot_cache.py on tiny random Qwen3-VL / Qwen2.5-VL models (fp32, CPU): the static-shape engine
+"""rollout/engine.py and rollout/kv_slots.py on tiny random Qwen3-VL / Qwen2.5-VL models (fp32, CPU): the static-shape engine
 equals the slow obvious sampler (tests/oracle.py) in tokens and log-probs, with images, uneven prompts, rows stopping
 early, bucketed shapes and small KV budgets (continuous batching); its step compiles without graph breaks and never
 synchronises with the host; device randomness equals the host's. GPU tests (skipped without CUDA): CUDA-graph replay
@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import decode
-import engine
+from rollout import randomness
+from rollout import engine
 import logprobs
-from engine import Engine
+from rollout.engine import Engine
 from model.kv_cache import KVCache
-from model.slot_cache import SlotCache
+from rollout.kv_slots import SlotCache
 from oracle import check_step_compiles, oracle_generate, reference_generate
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu.sh runs it)")
@@ -173,7 +173,7 @@ def admitted(net, prompts, G=3, N=12, **engine_kw):
     st = eng.state
     st.reset()
     st.is_stop[:40] = True
-    st.admit(list(range(len(prompts))), prompts, decode.row_keys(0, len(prompts), G), 0)
+    st.admit(list(range(len(prompts))), prompts, randomness.row_keys(0, len(prompts), G), 0)
     st.rows, st.length = len(prompts) * G, N
     return st
 
@@ -221,11 +221,11 @@ def test_step_never_synchronises_with_the_host(tiny, monkeypatch):
 
 
 def test_device_uniforms_equal_host_uniforms():
-    keys = decode.row_keys(seed=3, num_prompts=20, group_size=8) + [0, decode.MASK64, 1 << 63]
-    mixed = torch.tensor([decode._as_int64(decode.splitmix64(k)) for k in keys])
+    keys = randomness.row_keys(seed=3, num_prompts=20, group_size=8) + [0, randomness.MASK64, 1 << 63]
+    mixed = torch.tensor([randomness._as_int64(randomness.splitmix64(k)) for k in keys])
     for step in (0, 1, 77, 4095):
-        want = torch.tensor(decode.uniforms(keys, step), dtype=torch.float64)
-        got = decode.uniforms_t(mixed, torch.full_like(mixed, step))
+        want = torch.tensor(randomness.uniforms(keys, step), dtype=torch.float64)
+        got = randomness.uniforms_t(mixed, torch.full_like(mixed, step))
         assert torch.equal(got, want), step
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from data.files import read_jsonl
+from runtime.files import read_jsonl
 from data.record import Record
 from eval.benchmarks import RecordList
 from eval.generate import GenerationConfig, generate_outputs, record_seed, split_response

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from chat_server import ChatServer, completion, prompt_text
-from data.files import append_jsonl
+from runtime.files import append_jsonl
 from eval.__main__ import main
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from data.files import append_jsonl, read_jsonl, write_json
+from runtime.files import append_jsonl, read_jsonl, write_json
 
 
 def test_jsonl_survives_a_torn_last_line(tmp_path):

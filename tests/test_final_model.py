@@ -17,7 +17,7 @@ import torch
 import model
 import sample
 import train
-import trainstate
+from runtime import checkpoints
 from data import toy
 
 pytestmark = pytest.mark.slow  # toy runs through train.main; CI runs them (pytest -m slow)
@@ -129,7 +129,7 @@ def same_metrics(got: dict, want: dict) -> None:
 def test_final_and_policy_are_the_same_complete_model(toy_run, auto_processor):
     out, _ = toy_run
     final = os.path.join(out, "final")
-    policy = os.path.join(trainstate.latest_checkpoint(out), "policy")
+    policy = os.path.join(checkpoints.latest_checkpoint(out), "policy")
     assert os.path.basename(os.path.dirname(policy)) == "step_000002"
     records = toy.records("test", 3, seed=0)
     responses = assert_transformers_decodes_like_us(final, auto_processor, records, max_new_tokens=80)
@@ -150,7 +150,7 @@ def test_sample_cli_on_final_and_policy(toy_run, tmp_path, capsys):
             "--no_step_guided", "--group_size", "2", "--max_new_tokens", "80", "--labels", labels)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("=== sample ") == 2 and r.stdout.count("--- reward ") == 2
-    policy = os.path.join(trainstate.latest_checkpoint(out), "policy")
+    policy = os.path.join(checkpoints.latest_checkpoint(out), "policy")
     assert sample.main(["--model", policy, "--image", image, "--prompt", rec.prompt, "--no_step_guided",
                         "--group_size", "1", "--temperature", "0", "--max_new_tokens", "80"]) == 0
     assert "=== sample 0" in capsys.readouterr().out
@@ -178,7 +178,7 @@ def test_eval_toy_benchmark_reproduces_the_runs_heldout_metrics(toy_run, tmp_pat
 def test_eval_toy_benchmark_on_a_checkpoint_policy(toy_run, tmp_path, capsys):
     from eval.__main__ import main as eval_main
     out, _ = toy_run
-    policy = os.path.join(trainstate.latest_checkpoint(out), "policy")
+    policy = os.path.join(checkpoints.latest_checkpoint(out), "policy")
     assert eval_main(["--model", policy, "--benchmark", "toy", "--toy_size", "8", "--limit", "2", "--out",
                       str(tmp_path / "eval"), "--no_progress"]) == 0
     assert "rule reward: reward=" in capsys.readouterr().out
@@ -193,7 +193,7 @@ def test_run_from_a_transformers_checkpoint_ends_in_a_complete_model(qwen25_run,
     generation = json.load(open(os.path.join(final, "generation_config.json")))
     assert generation["eos_token_id"] == model.load_processor(final).stop_token_ids   # not the source's 151645
     assert "_from_model_config" not in generation
-    policy = os.path.join(trainstate.latest_checkpoint(qwen25_run), "policy")
+    policy = os.path.join(checkpoints.latest_checkpoint(qwen25_run), "policy")
     assert sorted(os.listdir(policy)) == sorted(os.listdir(final))
     image = str(tmp_path / "toy.png")
     toy.records("test", 1, seed=0)[0].images[0].save(image)

@@ -12,10 +12,11 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
 import model
-import trainstate
+from runtime import checkpoints
 from conftest import STOP, build_tiny, make_prompts
-from decode import left_pad, row_keys
-from engine import Engine
+from model.processor import left_pad
+from rollout.randomness import row_keys
+from rollout.engine import Engine
 from model.lora import (ADAPTER_CONFIG, LoRALinear, adapters_disabled, add_lora, check_targets, freeze_vision,
                         is_lora_key, load_adapters, lora_config, lora_modules, lora_state_dict, merge_lora, merged,
                         merged_state_dict, save_adapters, save_merged, trainable_parameters, unmerge_lora)
@@ -354,14 +355,14 @@ def test_resume_from_adapters_repeats_the_uninterrupted_run(tmp_path):
     net, proc, opt = fresh()
     one_step(net, proc, opt, seed=0)
     save_adapters(net, tmp_path / "ad")
-    tensors, meta = trainstate.optimizer_to_files(opt.state_dict())
+    tensors, meta = checkpoints.optimizer_to_files(opt.state_dict())
     from safetensors.torch import load_file, save_file
     save_file(tensors, str(tmp_path / "opt.safetensors"))
 
     net, proc, opt = fresh()
     randomize_adapters(net, seed=9)  # whatever was there is overwritten
     load_adapters(net, tmp_path / "ad")
-    opt.load_state_dict(trainstate.optimizer_from_files(load_file(str(tmp_path / "opt.safetensors")), meta))
+    opt.load_state_dict(checkpoints.optimizer_from_files(load_file(str(tmp_path / "opt.safetensors")), meta))
     one_step(net, proc, opt, seed=1)
     got = lora_state_dict(net)
     assert all(torch.equal(got[k], want[k]) for k in want)

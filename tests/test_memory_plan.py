@@ -1,14 +1,14 @@
-"""memory_plan.py: its closed-form parameter counts equal the models built on the meta device (the Qwen3-VL
+"""runtime/memory_plan.py: its closed-form parameter counts equal the models built on the meta device (the Qwen3-VL
 presets and both tiny architectures, full and LoRA), its byte formulas give hand-computed numbers, the CLI runs.
 Run: .venv/bin/python -m pytest -q tests/test_memory_plan.py
 """
 import pytest
 import torch
 
-import memory_plan
+from runtime import memory_plan
 import model
 from conftest import build_tiny
-from memory_plan import GiB, Options, param_counts, plan, qwen3vl_preset
+from runtime.memory_plan import GiB, Options, param_counts, plan, qwen3vl_preset
 from model.lora import add_lora, trainable_parameters
 
 

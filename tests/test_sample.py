@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
-import decode
+from rollout import randomness
+
+from rollout import sampling
 import model
 import sample
 
@@ -37,7 +39,7 @@ def test_inverse_cdf_sampling_is_exact():
 
     def counts(temperature, top_k=0, top_p=1.0):
         logits = probs.log().expand(n, 4)
-        tokens, _ = decode.sample(logits, u, temperature, top_k, top_p)
+        tokens, _ = sampling.sample(logits, u, temperature, top_k, top_p)
         return torch.bincount(tokens, minlength=4).tolist()
 
     assert counts(1.0) == [500, 300, 150, 50]
@@ -46,14 +48,14 @@ def test_inverse_cdf_sampling_is_exact():
     assert counts(1.0, top_k=1) == [1000, 0, 0, 0]
     sharp = probs ** 2 / (probs ** 2).sum()                 # temperature 0.5 squares the probabilities
     assert all(abs(c - n * p) <= 1 for c, p in zip(counts(0.5), sharp.tolist()))
-    _, lp = decode.sample(probs.log().expand(2, 4), u[:2], 1.0, top_k=1)
+    _, lp = sampling.sample(probs.log().expand(2, 4), u[:2], 1.0, top_k=1)
     assert torch.allclose(lp, probs.log()[0].expand(2))     # log-prob of the unfiltered distribution
 
 
 def test_uniforms_are_uniform_and_independent():
-    keys = decode.row_keys(seed=0, num_prompts=50, group_size=8)
+    keys = randomness.row_keys(seed=0, num_prompts=50, group_size=8)
     assert len(set(keys)) == 400
-    u = torch.tensor([decode.uniforms(keys, step) for step in range(50)], dtype=torch.float64)  # (steps, rows)
+    u = torch.tensor([randomness.uniforms(keys, step) for step in range(50)], dtype=torch.float64)  # (steps, rows)
     assert 0 < float(u.min()) and float(u.max()) < 1
     assert abs(float(u.mean()) - 0.5) < 0.01
     hist = torch.histc(u, bins=10, min=0, max=1)
@@ -62,7 +64,7 @@ def test_uniforms_are_uniform_and_independent():
     assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.03
     assert abs(float(torch.corrcoef(torch.stack([u[:, :-1].flatten(), u[:, 1:].flatten()]))[0, 1])) < 0.03
     # prompt seeds: row (i, j) depends on (prompt_seeds[i], j) only
-    assert decode.row_keys(0, 2, 3, prompt_seeds=[9, 4])[3:] == decode.row_keys(123, 1, 3, prompt_seeds=[4])
+    assert randomness.row_keys(0, 2, 3, prompt_seeds=[9, 4])[3:] == randomness.row_keys(123, 1, 3, prompt_seeds=[4])
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -12,7 +12,7 @@ import torch
 import config
 import grpo
 import train
-import trainstate
+from runtime import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,7 +51,7 @@ def test_few_step_run_has_finite_metrics_and_outputs(toy_run):
                                        "over_refusal_safe", "compositional_refusal"}
     assert json.load(open(os.path.join(out, "summary.json"))) == json.loads(json.dumps(summary))
     assert os.path.isfile(os.path.join(out, "curves.png"))
-    ckpts = trainstate.list_checkpoints(out)
+    ckpts = checkpoints.list_checkpoints(out)
     assert [os.path.basename(c) for c in ckpts] == ["step_000001", "step_000002", "step_000003"]
     saved = json.load(open(os.path.join(ckpts[-1], "trainer_state.json")))
     assert saved["step"] == 3 and saved["config"]["max_steps"] == 3
@@ -64,7 +64,7 @@ class Interrupted(Exception):
 def test_resume_reproduces_the_uninterrupted_run(toy_run, tmp_path, monkeypatch):
     out_full, _ = toy_run
     out = str(tmp_path / "resumed")
-    real_save = trainstate.save_checkpoint
+    real_save = checkpoints.save_checkpoint
 
     def save_then_die(out_dir, step, *args, **kw):  # the run is interrupted right after checkpoint 1
         path = real_save(out_dir, step, *args, **kw)
@@ -72,10 +72,10 @@ def test_resume_reproduces_the_uninterrupted_run(toy_run, tmp_path, monkeypatch)
             raise Interrupted
         return path
 
-    monkeypatch.setattr(trainstate, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
     with pytest.raises(Interrupted):
         train.main(TINY + [f"--out_dir={out}"])
-    monkeypatch.setattr(trainstate, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
     # the second invocation resumes from step 1 and runs steps 2 and 3 with the same schedule
     train.main(TINY + [f"--out_dir={out}", "--resume=true"])
     assert read_metrics(out) == read_metrics(out_full)
@@ -119,7 +119,7 @@ def test_nonfinite_update_is_skipped_and_reported(tmp_path, monkeypatch, capsys)
     # the LR schedule counts the updates that happened: no scheduler step without an optimizer step
     assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
     assert "skipped 1 update(s) with non-finite gradients" in capsys.readouterr().out
-    policy = trainstate.latest_checkpoint(out)
+    policy = checkpoints.latest_checkpoint(out)
     import model
     net = model.load(os.path.join(policy, "policy"))
     assert all(torch.isfinite(p).all() for p in net.parameters())
@@ -134,16 +134,17 @@ KILL_SCRIPT = r"""
 import os, signal, sys
 sys.path.insert(0, {root!r})
 sys.path.insert(0, os.path.join({root!r}, "tests"))
-import torch, trainstate, model
+import torch, model
+from runtime import checkpoints
 from tiny import tiny_qwen3vl_config
 net = model.Qwen3VL(tiny_qwen3vl_config()).init_weights(seed=0)
 opt = torch.optim.AdamW(net.parameters())
 state = {{"step": 1, "nonfinite": 0}}
-trainstate.save_checkpoint({out!r}, 1, lambda p: model.save(net, p), opt.state_dict(), state, keep_last=3)
+checkpoints.save_checkpoint({out!r}, 1, lambda p: model.save(net, p), opt.state_dict(), state, keep_last=3)
 def dying_save(path):
     model.save(net, path)
     os.kill(os.getpid(), signal.SIGKILL)   # killed after the policy, before optimizer/state are written
-trainstate.save_checkpoint({out!r}, 2, dying_save, opt.state_dict(), dict(state, step=2), keep_last=3)
+checkpoints.save_checkpoint({out!r}, 2, dying_save, opt.state_dict(), dict(state, step=2), keep_last=3)
 """
 
 
@@ -151,9 +152,9 @@ def test_killed_during_checkpoint_write_leaves_previous_loadable(tmp_path):
     out = str(tmp_path / "run")
     r = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(root=ROOT, out=out)], capture_output=True, text=True)
     assert r.returncode == -9, r.stderr
-    latest = trainstate.latest_checkpoint(out)
+    latest = checkpoints.latest_checkpoint(out)
     assert os.path.basename(latest) == "step_000001"
-    ck = trainstate.load_checkpoint(latest)
+    ck = checkpoints.load_checkpoint(latest)
     assert ck["trainer_state"]["step"] == 1
     import model
     model.load(ck["policy_dir"])
@@ -230,8 +231,8 @@ def test_real_checkpoint_and_safetag_dataset(tmp_path):
     rows = read_metrics(out)
     assert len(rows) == 1 and rows[0]["kl"] == rows[0]["kl"]
     import model
-    model.load(os.path.join(trainstate.latest_checkpoint(out), "policy"))
-    cfg = json.load(open(os.path.join(trainstate.latest_checkpoint(out), "trainer_state.json")))["config"]
+    model.load(os.path.join(checkpoints.latest_checkpoint(out), "policy"))
+    cfg = json.load(open(os.path.join(checkpoints.latest_checkpoint(out), "trainer_state.json")))["config"]
     assert cfg["step_guided"] is True and cfg["lr"] == 1e-5 and cfg["group_size"] == 2
 
 
@@ -240,7 +241,7 @@ def test_decoded_response_with_stop_token_passes_the_format_gate(tmp_path):
     import model
     import rewards
     from data import toy
-    from engine import Rollout
+    from rollout.engine import Rollout
     toy.build_checkpoint(str(tmp_path), seed=0)
     processor = model.load_processor(str(tmp_path))
     rec = toy.records("test", 1, seed=0)[0]
@@ -273,7 +274,7 @@ def test_fsdp_two_processes_checkpoint_and_resume(tmp_path):
     for ra, rb in zip(a, b):
         for k, v in ra.items():
             assert rb[k] == (None if v is None else pytest.approx(v, rel=1e-5, abs=1e-6)), (ra["step"], k)
-    ck = trainstate.load_checkpoint(trainstate.latest_checkpoint(part))
+    ck = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(part))
     assert ck["trainer_state"]["step"] == 3 and ck["optimizer"]["state"]  # the full optimizer state, by name
     import model
     model.load(ck["policy_dir"])
@@ -283,7 +284,7 @@ ROLLOUT_RESHARD = """
 import os, socket, torch, torch.distributed as dist, torch.nn as nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
-from parallel import RolloutPolicy
+from runtime.parallel import RolloutPolicy
 s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 dist.init_process_group("gloo", rank=0, world_size=1)

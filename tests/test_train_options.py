@@ -110,12 +110,12 @@ def test_training_learns(tmp_path, flags):
 def test_lora_checkpoints_hold_adapters_and_resume_exactly(tmp_path):
     """A LoRA run checkpoints its adapters alone (small), resumes on the initial model and repeats the
     uninterrupted run; its final/ is the merged model."""
-    import trainstate
+    from runtime import checkpoints
     from model.lora import read_adapter_config
     lora = ["--lora_rank=4", "--max_steps=3", "--save_every=1", "--keep_last=5", "--lr_schedule=constant"]
     full = str(tmp_path / "full")
     train.main(QUICK + lora + [f"--out_dir={full}"])
-    policy = os.path.join(trainstate.latest_checkpoint(full), "policy")
+    policy = os.path.join(checkpoints.latest_checkpoint(full), "policy")
     assert read_adapter_config(policy)["rank"] == 4 and not os.path.exists(os.path.join(policy, "config.json"))
     part = str(tmp_path / "part")
     train.main(QUICK + lora + [f"--out_dir={part}", "--max_steps=1"])

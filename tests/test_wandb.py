@@ -12,7 +12,7 @@ import types
 
 import pytest
 
-import trainlog
+from runtime import logs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--max_steps=2", "--prompts_per_step=2", "--mini_batch_prompts=2", "--group_size=2", "--toy_train_size=8",
@@ -75,4 +75,4 @@ def test_wandb_that_cannot_start_says_what_to_do(tmp_path, monkeypatch):
         raise RuntimeError("No API key configured. Use `wandb login` to log in.")
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
     with pytest.raises(RuntimeError, match="No API key configured.*WANDB_MODE=offline"):
-        trainlog.MetricsLog(str(tmp_path), enabled=True, use_wandb=True, wandb_project="p", config={})
+        logs.MetricsLog(str(tmp_path), enabled=True, use_wandb=True, wandb_project="p", config={})

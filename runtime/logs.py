@@ -39,7 +39,7 @@ class StatSums:
     def reduce(self, device) -> dict:
         """Means over all ranks: shares per mini-batch, token means per token, grad_norm per update; extremes of
         this rank; the counts."""
-        from parallel import all_reduce_sum
+        from runtime.parallel import all_reduce_sum
         minibatches = max(1, self.counts.get("updates", 0) + self.counts.get("skipped_updates", 0))
         totals = all_reduce_sum(dict(self.sums, _weight=self.weight), device)
         weight = totals.pop("_weight") or 1.0

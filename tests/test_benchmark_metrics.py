@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from eval.metrics import compute_metrics, wilson_interval
+from eval.benchmark_metrics import compute_metrics, wilson_interval
 
 
 def test_wilson_golden_values():

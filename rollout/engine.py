@@ -1,5 +1,5 @@
 """The rollout engine: G samples per prompt for GRPO from one image encoding and one prefill per prompt, decoded by
-one static-shape step (decode.py) that a CUDA graph replays on a GPU and that runs eagerly on a CPU. This file is the
+one static-shape step (rollout/step.py) that a CUDA graph replays on a GPU and that runs eagerly on a CPU. This file is the
 host's side: input checks, buckets, and the scheduler. `sample.generate` is the one-call front door; the trainer keeps
 an Engine, so that its buffers and graphs outlive a step.
 
@@ -8,7 +8,7 @@ an Engine, so that its buffers and graphs outlive a step.
 
 A call runs in three kinds of moves:
   1. admit: waiting prompts are prefilled together (the model's plain forward) into free group slots
-     (model/slot_cache.py: each prompt's keys/values stored once, each row's response keys/values on its own),
+     (rollout/kv_slots.py: each prompt's keys/values stored once, each row's response keys/values on its own),
      as many groups as the KV budget holds; each of the G rows samples its first token from the prompt's logits;
   2. step: every row feeds its last token through the decoder (the model's own forward with the SlotCache), samples
      the next token on the device, writes it and its log-prob, and marks rows that stop. No host synchronisation;
@@ -17,7 +17,7 @@ A call runs in three kinds of moves:
   3. check, every `check_every` steps: the host reads which groups are done (the one synchronisation), collects
      them, frees their slots and admits waiting prompts (continuous batching). When nothing waits, live groups move
      down into the lowest slots, so that later steps run fewer rows.
-A row's samples depend only on its prompt seed and sample index (see decode.uniforms), not on the batch it ran in.
+A row's samples depend only on its prompt seed and sample index (see rollout/randomness.py), not on the batch it ran in.
 """
 import time
 from collections import deque
@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from decode import DecodeState, row_keys
+from rollout.randomness import row_keys
+
+from rollout.step import DecodeState
 
 
 @dataclass
@@ -223,7 +225,7 @@ class Engine:
         """G samples for each prompt (Processor.encode dicts of different lengths, with or without images).
 
         Runs under the caller's autocast (as the trainer's forward does, so log-probs round alike). Each row's
-        samples depend only on (prompt_seeds[i] or (seed, i), sample index): see decode.uniforms. stats: kv_cache_bytes
+        samples depend only on (prompt_seeds[i] or (seed, i), sample index): see rollout/randomness.py. stats: kv_cache_bytes
         (the slots), kv_peak_bytes (slots + the largest prefill cache), slots, steps, row_steps (rows computed over
         all steps), graphs, capture_s, prefill_s, decode_s."""
         model = self.model

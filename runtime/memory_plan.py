@@ -1,9 +1,9 @@
 """Memory planner: the bytes one GPU holds in a SafeGRPO run (weights, gradients, AdamW state, reference model,
 rollout weight copies, FSDP2 working sets), for a model config, full fine-tune or LoRA, DDP or FSDP2, before launch.
 
-    python memory_plan.py --model=qwen3-vl-8b --lora_rank=8            # a preset, one GPU
-    python memory_plan.py --model=/ckpt/Qwen3-VL-8B-Thinking --world_size=8 --fsdp
-    python memory_plan.py --table                                      # the README table
+    python -m runtime.memory_plan --model=qwen3-vl-8b --lora_rank=8            # a preset, one GPU
+    python -m runtime.memory_plan --model=/ckpt/Qwen3-VL-8B-Thinking --world_size=8 --fsdp
+    python -m runtime.memory_plan --table                                      # the README table
 Tests: .venv/bin/python -m pytest -q tests/test_memory_plan.py
 """
 import argparse
@@ -111,7 +111,7 @@ def plan(cfg, opt: Options) -> dict:
       optimizer = 8 N_t / S                      (AdamW exp_avg + exp_avg_sq, fp32)
       reference = 2 N  (full fine-tune with KL: parallel.build_reference's bf16 copy, whole on every rank;
                         LoRA: 0, the policy with its adapters disabled)
-      engine copies = engines * 2 * (decoder linear + lm_head weights)   (decode.DecodeState keeps bf16 copies of
+      engine copies = engines * 2 * (decoder linear + lm_head weights)   (rollout.step.DecodeState keeps bf16 copies of
                         the linear layers when they are stored fp32; none under FSDP2 or with a bf16 LoRA base)
       FSDP2 rollout = 2 N  (RolloutPolicy unshards the whole model in bf16 for the generation)
       FSDP2 update = 2 (R + 2 B) + 6 (R_t + B_t)  (bf16 unsharded root R = everything outside the decoder blocks,

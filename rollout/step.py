@@ -1,131 +1,19 @@
-"""The device side of a rollout: the counter-based random numbers every sample draws, one sampling step, the prefill,
-and DecodeState, the static-shape decode step that a CUDA graph replays on a GPU and that runs eagerly on a CPU.
-engine.py schedules prompts through it (admit, step, check); this file is what runs on the device.
+"""The device side of a rollout: the prefill, and DecodeState, the static-shape decode step that a CUDA graph replays on a
+GPU and that runs eagerly on a CPU. rollout/engine.py schedules prompts through it (admit, step, check); this file is
+what runs on the device.
 """
 import time
 
 import torch
 
+from model.processor import left_pad
 from model.rope import inv_freq, text_cos_sin
-from model.slot_cache import SlotCache
-
-MASK64 = (1 << 64) - 1
-
-
-# ----------------------------------------------------------------------------- randomness
-# Every sample draws one uniform number per token, u = hash(row key, token index), and takes the token where u falls
-# in its (filtered) CDF: inverse-CDF sampling, exact for any distribution. The row key is hash(prompt key, sample
-# index) and the prompt key is prompt_seeds[i] (or hash(seed, i)), so a row's numbers depend on nothing else in the
-# batch; there is no torch.Generator whose stream position would shift with batch composition, and the integers are
-# the same on every device. The host derives row keys once per prompt (Python integers); at admission the device
-# hashes them with every token index in int64 tensor ops (same bits: two's-complement products wrap exactly like
-# uint64 ones) into a table the step gathers from, so the graph needs no per-step input and no hashing. (A token
-# can only change with the batch if the batch changes the logits, i.e.
-# float rounding of differently-shaped kernels moves a CDF boundary across u.)
-
-def splitmix64(x: int) -> int:
-    """A 64-bit mixing function (Steele et al., SplitMix64's output step): distinct inputs -> unrelated outputs."""
-    x = (x + 0x9E3779B97F4A7C15) & MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
-    return x ^ (x >> 31)
-
-
-def hash64(*parts: int) -> int:
-    """One 64-bit key from integers, stable across processes and machines (Python's hash() is not)."""
-    h = 0
-    for p in parts:
-        h = splitmix64(h ^ (p & MASK64))
-    return h
-
-
-def row_keys(seed: int, num_prompts: int, group_size: int, prompt_seeds=None) -> list[int]:
-    prompt_keys = [hash64(seed, i) if prompt_seeds is None else int(prompt_seeds[i]) for i in range(num_prompts)]
-    return [hash64(k, j) for k in prompt_keys for j in range(group_size)]
-
-
-def uniforms(keys: list[int], step: int) -> list[float]:
-    """One uniform in (0, 1) per key: the top 53 bits of hash(key, step), offset by half a step (host version)."""
-    return [((hash64(k, step) >> 11) + 0.5) * 2.0 ** -53 for k in keys]
-
-
-def _as_int64(x: int) -> int:
-    """The int64 with the same 64 bits as the unsigned x."""
-    return x - (1 << 64) if x >= 1 << 63 else x
-
-
-def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 bits (torch's >> is arithmetic: mask off the copied sign bits)."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
-
-
-def splitmix64_t(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64 on an int64 tensor, bit for bit."""
-    x = x + _as_int64(0x9E3779B97F4A7C15)
-    x = (x ^ _shr(x, 30)) * _as_int64(0xBF58476D1CE4E5B9)
-    x = (x ^ _shr(x, 27)) * _as_int64(0x94D049BB133111EB)
-    return x ^ _shr(x, 31)
-
-
-def uniforms_t(mixed_keys: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """uniforms on the device: mixed_keys = splitmix64(key) (int64), step broadcast against it -> float64."""
-    return (_shr(splitmix64_t(mixed_keys ^ step), 11).double() + 0.5) * 2.0 ** -53
-
-
-# ----------------------------------------------------------------------------- one sampling step
-
-def filter_logits(z: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Tempered logits (B, V) -> the same with tokens outside top-k, then outside the top-p nucleus, at -inf."""
-    if 0 < top_k < z.shape[-1]:
-        kth = z.topk(top_k, dim=-1).values[:, -1:]
-        z = z.masked_fill(z < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_z, order = z.sort(dim=-1, descending=True, stable=True)
-        p = sorted_z.softmax(-1)
-        drop = p.cumsum(-1) - p >= top_p  # mass before a token already reaches top_p; the first is always kept
-        z = z.scatter(-1, order, sorted_z.masked_fill(drop, float("-inf")))
-    return z
-
-
-def sample(logits: torch.Tensor, u: torch.Tensor | None, temperature: float, top_k: int = 0,
-           top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (B, V), u (B,) uniforms -> (tokens (B,), their log-probs (B,) fp32).
-
-    The log-prob is of the unfiltered softmax(logits / temperature): what the trainer recomputes from its own
-    forward (tokenprobs.token_logprobs), so the PPO ratio starts at exactly 1. temperature 0 = argmax, raw logits."""
-    z = logits.float()
-    if temperature == 0:
-        tokens = z.argmax(-1)
-        return tokens, z.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
-    if temperature != 1.0:
-        z = z / temperature
-    logp = z.log_softmax(-1)
-    if top_k or top_p < 1.0:
-        p = filter_logits(z, top_k, top_p).softmax(-1)
-    else:
-        p = logp.exp()
-    cdf = p.cumsum(-1)  # (B, V)
-    x = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)  # scale by the total so rounding never runs past the end
-    tokens = torch.searchsorted(cdf, x).squeeze(-1).clamp(max=z.shape[-1] - 1)
-    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+from rollout.kv_slots import SlotCache
+from rollout.randomness import _as_int64, splitmix64, uniforms_t
+from rollout.sampling import sample
 
 
 # ----------------------------------------------------------------------------- prefill
-
-def left_pad(prompts: list[dict], pad_token_id: int, device):
-    """Processor.encode dicts -> input_ids (P, T) left-padded, attention_mask (P, T), pixel_values, grid."""
-    T = max(p["input_ids"].numel() for p in prompts)
-    ids = torch.full((len(prompts), T), pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), T, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        n = p["input_ids"].numel()
-        ids[i, T - n:] = p["input_ids"]
-        mask[i, T - n:] = 1
-    pix = [p["pixel_values"] for p in prompts if p.get("pixel_values") is not None]
-    grid = [p["image_grid_thw"] for p in prompts if p.get("image_grid_thw") is not None]
-    return (ids.to(device), mask.to(device), torch.cat(pix).to(device) if pix else None,
-            torch.cat(grid).to(device) if grid else None)
-
 
 def prefill(model, prompts: list[dict], pad_token_id: int, extra_slots: int = 0):
     """One forward over the left-padded prompts (images encoded here, once): (last logits (P, V), KVCache)."""
