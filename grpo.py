@@ -1,5 +1,5 @@
 """GRPO's math for SafeGRPO: advantages, reward shaping, KL estimators, the clipped loss (token log-probs and
-entropies: tokenprobs.py).
+entropies come in: logprobs.py computes them).
 Pure functions of tensors; no model, no optimizer. Tests: `.venv/bin/python -m pytest -q tests/test_grpo*.py`.
 
 Defaults = the paper's setting: GRPO trained with verl, KL to the reference as a loss term (k3, coefficient
@@ -24,7 +24,7 @@ Row i of a batch is sample i % G of prompt i // G; t runs over its response toke
               k3 = exp(d) - d - 1, d = clamp(ref - logp, -20, 20), value clamped to [-10, 10]
                                                   Schulman, "Approximating KL divergence" (2020); verl low_var_kl
   loss        agg(l) + kl_coef * agg(k) - entropy_coef * agg(H)   (KL as a loss term: verl's use_kl_loss;
-              H = entropy of softmax(logits / temperature), coefficient 0 in the paper)
+              H = entropy of the policy's softmax(logits / temperature), coefficient 0 in the paper)
   agg         token-mean:              sum_it m l / N_tok          N_tok = response tokens in the mini-batch
               token-mean-micro:        (1 / M) sum_mb (sum_{it in mb} m l / N_tok(mb))    M = micro-batches
               seq-mean-token-mean:     sum_i (sum_t m l / |o_i|) / N_seq
@@ -47,8 +47,6 @@ Where we differ from verl:
   - Counts are passed in (loss_normalizer, see agg_normalizer). Entropy is a stat unless entropy_coef != 0.
 """
 import torch
-
-from tokenprobs import token_entropy
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")  # global: split-invariant
 LOSS_AGG_MODES = AGG_MODES + ("token-mean-micro",)  # all that policy_loss takes
@@ -274,12 +272,14 @@ def mask_truncated(response_mask, truncated):
 
 # ----------------------------------------------------------------------------- the loss
 
-def _check_shapes(logprobs, old_logprobs, advantages, response_mask, ref_logprobs, logits, rollout_logprobs):
+def _check_shapes(logprobs, old_logprobs, advantages, response_mask, ref_logprobs, entropy, rollout_logprobs):
     shapes = {"logprobs": logprobs, "old_logprobs": old_logprobs, "response_mask": response_mask}
     if ref_logprobs is not None:
         shapes["ref_logprobs"] = ref_logprobs
     if rollout_logprobs is not None:
         shapes["rollout_logprobs"] = rollout_logprobs
+    if entropy is not None:
+        shapes["entropy"] = entropy
     named = ", ".join(f"{k} {tuple(v.shape)}" for k, v in shapes.items())
     if logprobs.dim() != 2 or logprobs.numel() == 0 or any(v.shape != logprobs.shape for v in shapes.values()):
         raise ValueError(f"policy_loss: need equal non-empty (B, T) shapes; got {named}")
@@ -287,20 +287,18 @@ def _check_shapes(logprobs, old_logprobs, advantages, response_mask, ref_logprob
     if tuple(advantages.shape) not in ((B,), (B, T)):
         raise ValueError(f"policy_loss: advantages must be (B,) = ({B},) or (B, T) = ({B}, {T}); got "
                          f"{tuple(advantages.shape)} with {named}")
-    if logits is not None and (logits.dim() != 3 or tuple(logits.shape[:2]) != (B, T)):
-        raise ValueError(f"policy_loss: logits must be (B, T, V) with (B, T) = ({B}, {T}); got "
-                         f"{tuple(logits.shape)} with {named}")
 
 
 def policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low=0.2, clip_high=0.2,
                 dual_clip=None, ref_logprobs=None, kl_coef=0.0, kl_kind="k3", agg="token-mean",
-                loss_normalizer=None, norm_constant=None, logits=None, temperature=1.0, entropy_coef=0.0,
+                loss_normalizer=None, norm_constant=None, entropy=None, entropy_coef=0.0,
                 ratio_level="token", rollout_logprobs=None, tis_cap=None):
     """Clipped GRPO surrogate (+ kl_coef * KL) on one micro-batch -> (loss, stats).
 
     logprobs (B, T) with grad; old_logprobs, ref_logprobs (B, T) fixed; advantages (B,) or (B, T);
-    response_mask (B, T) 0/1; logits (B, T, V) optional: the entropy stat (at `temperature`), and the
-    bonus -entropy_coef * agg(entropy) in the loss when entropy_coef != 0 (verl's entropy_coeff; paper: 0).
+    response_mask (B, T) 0/1; entropy (B, T) optional, the policy's per-token entropy (logprobs.token_entropy): the
+    entropy stat, and the bonus -entropy_coef * agg(entropy) in the loss when entropy_coef != 0 (then it must carry
+    its gradient; verl's entropy_coeff; paper: 0).
     loss_normalizer: the mini-batch's N_tok (token-mean), N_seq (seq-mean-*) or micro-batch count M
     (token-mean-micro) over all ranks, see agg_normalizer; None means this call is the whole batch. The
     loss is then this micro-batch's share: the shares of all micro-batches and ranks add up to the
@@ -316,10 +314,10 @@ def policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low=0.2,
     the loss (sum them over micro-batches); the rest describe this call's n_tokens response tokens:
     clipfrac_low/high/dual (fraction of tokens where that clip is active: zero gradient), ratio_mean,
     ratio_min/max (1.0 when n_tokens = 0, finite so that a token-weighted average ignores them),
-    ppo_kl = mean(old - logp), entropy (with logits; token mean, not a share), and with tis_cap:
+    ppo_kl = mean(old - logp), entropy (when given; token mean, not a share), and with tis_cap:
     tis_weight_mean, tis_capfrac (fraction of tokens whose weight was capped).
     """
-    _check_shapes(logprobs, old_logprobs, advantages, response_mask, ref_logprobs, logits, rollout_logprobs)
+    _check_shapes(logprobs, old_logprobs, advantages, response_mask, ref_logprobs, entropy, rollout_logprobs)
     if agg not in LOSS_AGG_MODES:
         raise ValueError(f"policy_loss: agg must be one of {LOSS_AGG_MODES}, got {agg!r}")
     if ratio_level not in RATIO_LEVELS:
@@ -333,8 +331,8 @@ def policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low=0.2,
         raise ValueError(f"policy_loss: need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
     if dual_clip is not None and not dual_clip > 1:
         raise ValueError(f"policy_loss: dual_clip must be > 1 (verl uses 3.0), got {dual_clip}")
-    if entropy_coef != 0 and logits is None:
-        raise ValueError(f"policy_loss: entropy_coef={entropy_coef} needs logits")
+    if entropy_coef != 0 and entropy is None:
+        raise ValueError(f"policy_loss: entropy_coef={entropy_coef} needs the entropies")
     if kl_coef != 0 and ref_logprobs is None:
         raise ValueError(f"policy_loss: kl_coef={kl_coef} needs ref_logprobs")
     if isinstance(loss_normalizer, (int, float)) and not loss_normalizer > 0:
@@ -375,12 +373,9 @@ def policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low=0.2,
         if kl_coef != 0:
             loss = loss + kl_coef * kl
 
-    entropy = None
-    if logits is not None:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_coef != 0):  # a stat unless a bonus
-            entropy = token_entropy(logits, temperature)  # (B, T)
-        if entropy_coef != 0:  # maximize entropy: subtract, aggregated like the rest
-            loss = loss - entropy_coef * _aggregate(entropy, mask, agg, loss_normalizer, norm_constant)
+    if entropy is not None and entropy_coef != 0:  # maximize entropy: subtract, aggregated like the rest
+        entropy = torch.where(mask, entropy.to(logprobs.dtype), zero)
+        loss = loss - entropy_coef * _aggregate(entropy, mask, agg, loss_normalizer, norm_constant)
 
     with torch.no_grad():
         n_tokens = mask.sum()

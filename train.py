@@ -26,6 +26,7 @@ from logprobs import all_logprobs, micro_logprobs
 from runtime.parallel import (RolloutPolicy, all_gather_objects, all_reduce_sum, autocast_ctx, barrier, build_policy,
                       build_reference, check_finite, full_states, init_distributed, load_optimizer_state,
                       rollout_kv_budget, shutdown, uses_fsdp)
+from runtime.files import write_json
 from runtime.logs import MetricsLog, StatSums, plot_curves
 
 
@@ -158,7 +159,8 @@ def train_on_rollouts(policy, ref_model, optimizer, scheduler, batch: dict, adva
             for j, rows in enumerate(micro):
                 sync = j == len(micro) - 1 or not has_no_sync  # DDP: all-reduce gradients once per mini-batch
                 with (nullcontext() if sync else policy.no_sync()):
-                    logp, logits, _, mask = micro_logprobs(policy, prompts, ro, rows, cfg, device, pad_id)
+                    logp, entropy, _, mask = micro_logprobs(policy, prompts, ro, rows, cfg, device, pad_id,
+                                                           entropy_grad=cfg.entropy_coef != 0)
                     R = mask.shape[1]
                     ref_lp = None
                     if kl_in_loss:
@@ -169,7 +171,7 @@ def train_on_rollouts(policy, ref_model, optimizer, scheduler, batch: dict, adva
                         loss_mask[rows, :R].to(device), clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                         dual_clip=cfg.dual_clip or None, ref_logprobs=ref_lp, kl_coef=cfg.kl_coef if kl_in_loss else 0,
                         kl_kind=cfg.kl_kind, agg=cfg.loss_agg, loss_normalizer=normalizer,
-                        norm_constant=cfg.max_new_tokens, logits=logits, temperature=cfg.temperature,
+                        norm_constant=cfg.max_new_tokens, entropy=entropy,
                         entropy_coef=cfg.entropy_coef, ratio_level=cfg.ratio_level,
                         rollout_logprobs=ro.logprobs[rows, :R].to(device) if cfg.tis_cap else None,
                         tis_cap=cfg.tis_cap or None)
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"config:\n{cfg.to_json()}", flush=True)
     os.makedirs(cfg.out_dir, exist_ok=True)
     if rank == 0:
-        checkpoints.write_json(os.path.join(cfg.out_dir, "config.json"), cfg.to_dict())
+        write_json(os.path.join(cfg.out_dir, "config.json"), cfg.to_dict())
 
     # ---- data: the prompts, overlong ones dropped; the held-out split
     import model as vlm
@@ -372,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  final=True)
     if rank == 0:
         save_policy(os.path.join(cfg.out_dir, "final"))
-        checkpoints.write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+        write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
         png = plot_curves(metrics_log.read(), os.path.join(cfg.out_dir, "curves.png"))
         log(f"the trained model: {os.path.join(cfg.out_dir, 'final')}; wrote summary.json" +
             (f" and {png}" if png else ""), flush=True)

@@ -22,7 +22,7 @@ def sample(logits: torch.Tensor, u: torch.Tensor | None, temperature: float, top
     """logits (B, V), u (B,) uniforms -> (tokens (B,), their log-probs (B,) fp32).
 
     The log-prob is of the unfiltered softmax(logits / temperature): what the trainer recomputes from its own
-    forward (tokenprobs.token_logprobs), so the PPO ratio starts at exactly 1. temperature 0 = argmax, raw logits."""
+    forward (logprobs.token_logprobs), so the PPO ratio starts at exactly 1. temperature 0 = argmax, raw logits."""
     z = logits.float()
     if temperature == 0:
         tokens = z.argmax(-1)

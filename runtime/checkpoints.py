@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from runtime.files import write_json
+
 STEP_PREFIX = "step_"
 
 
@@ -86,15 +88,6 @@ def set_rng_state(tensors: dict, meta: dict) -> None:
     random.setstate((v, tuple(s), g))
     n = meta["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-
-
-def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(out_dir: str, step: int, save_policy, optimizer_state: dict, trainer_state: dict,

@@ -1,5 +1,5 @@
 """Files that survive a crash: JSON written whole or not at all, JSONL appended line by line and synced, a torn
-last line (the write a crash interrupted) dropped on reading. Used by the SafeTag builder and the eval harness."""
+last line (the write a crash interrupted) dropped on reading. Used by checkpoints, the trainer's summaries, the SafeTag builder and the eval harness."""
 import json
 import os
 

@@ -7,7 +7,7 @@ import torch
 
 import grpo
 from grpo import agg_normalizer, group_advantages, kl_penalty, policy_loss
-from tokenprobs import token_logprobs
+from logprobs import token_entropy, token_logprobs
 
 E = math.e
 LN2 = math.log(2.0)
@@ -243,13 +243,13 @@ def test_entropy_stat_and_bonus():
     h_sharp = math.log(E ** 2 + 3) - 2 * E ** 2 / (E ** 2 + 3)  # 0.958271
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     logp = torch.zeros(2, 3)  # ratio 1 and A = 0: the policy term is 0
-    loss, stats = policy_loss(logp, logp, torch.zeros(2), mask, logits=logits, entropy_coef=0.1)
+    loss, stats = policy_loss(logp, logp, torch.zeros(2), mask, entropy=token_entropy(logits), entropy_coef=0.1)
     close(stats["entropy"], (3 * math.log(4) + h_sharp) / 4)
     close(loss, -0.1 * (3 * math.log(4) + h_sharp) / 4)
     loss.backward()
     assert (logits.grad[0] == 0).all() and logits.grad[1, 0].abs().max() > 0
     # entropy_coef = 0: a stat only, no graph through it
-    _, stats = policy_loss(logp, logp, torch.zeros(2), mask, logits=logits)
+    _, stats = policy_loss(logp, logp, torch.zeros(2), mask, entropy=token_entropy(logits).detach())
     close(stats["entropy"], (3 * math.log(4) + h_sharp) / 4)
 
 
@@ -330,8 +330,8 @@ def test_policy_loss_errors_name_shapes():
         policy_loss(z, z, torch.zeros(2), torch.ones(2, 3), ref_logprobs=torch.zeros(3, 3))
     with pytest.raises(ValueError, match=r"advantages.*\(3,\)"):
         policy_loss(z, z, torch.zeros(3), torch.ones(2, 3))
-    with pytest.raises(ValueError, match=r"logits.*\(2, 4, 7\)"):
-        policy_loss(z, z, torch.zeros(2), torch.ones(2, 3), logits=torch.zeros(2, 4, 7))
+    with pytest.raises(ValueError, match=r"entropy \(2, 4\)"):
+        policy_loss(z, z, torch.zeros(2), torch.ones(2, 3), entropy=torch.zeros(2, 4))
     with pytest.raises(ValueError, match="norm_constant"):
         policy_loss(z, z, torch.zeros(2), torch.ones(2, 3), agg="seq-mean-token-sum-norm")
     with pytest.raises(ValueError, match="ref_logprobs"):

@@ -10,7 +10,6 @@ import os
 import pytest
 import torch
 
-import grpo
 import train
 from config import parse_config
 from data.stream import epoch_length, stream_ids
@@ -51,9 +50,11 @@ def test_each_option_runs_to_finite_metrics(tmp_path, flags):
 
 def test_entropy_is_at_the_sampling_temperature(tmp_path, monkeypatch):
     """The entropy stat (and bonus) is of softmax(logits / temperature): the sampled distribution's."""
+    import logprobs
     seen = []
-    real = grpo.policy_loss
-    monkeypatch.setattr(grpo, "policy_loss", lambda *a, **k: seen.append(k["temperature"]) or real(*a, **k))
+    real = logprobs.token_entropy
+    monkeypatch.setattr(logprobs, "token_entropy", lambda logits, temperature: seen.append(temperature) or
+                        real(logits, temperature))
     train.main(QUICK + [f"--out_dir={tmp_path}", "--max_steps=1", "--temperature=0.7"])
     assert seen and set(seen) == {0.7}
 

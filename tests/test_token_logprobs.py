@@ -1,12 +1,12 @@
-"""tokenprobs.py pinned by the naive full-softmax versions (values and gradients, fp32 and bf16) and by a peak-memory
-bound per chunk. Run: `.venv/bin/python -m pytest -q tests/test_tokenprobs.py` (a few seconds on CPU)."""
+"""Token log-probs and entropies (logprobs.py) pinned by the naive full-softmax versions (values and gradients, fp32
+and bf16) and by a peak-memory bound per chunk. Run: `.venv/bin/python -m pytest -q tests/test_token_logprobs.py` (a few seconds on CPU)."""
 import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from tokenprobs import token_entropy, token_logprobs, token_logprobs_reference
+from logprobs import token_entropy, token_logprobs, token_logprobs_reference
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
