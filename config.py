@@ -32,8 +32,11 @@ class Config:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 4096         # response budget per rollout
-    rollout_kv_gb: float = 0.0         # KV-cache budget of the rollout engine per GPU; prompts beyond it wait for free
-                                       # slots (0: a third of the free GPU memory less optimizer state; no limit on CPU)
+    rollout_kv_gb: float = 0.0         # KV-cache budget of the rollout engine per GPU: paged, rows take blocks as they
+                                       # grow, prompts wait for free blocks (0: a third of the free GPU memory less
+                                       # optimizer state; on CPU no limit, every row's tokens reserved)
+    compile_rollout: str = "auto"      # torch.compile each decoder layer of the decode step (once for all layers and
+                                       # shapes; CUDA graphs capture it): auto (on for CUDA) | true | false
     dynamic_sampling: bool = False     # DAPO: keep groups whose rewards differ, drawing more prompts to fill the step
     max_draws: int = 4                 # dynamic sampling: rollouts of prompts_per_step prompts per step at most
     # ---- reward and advantages
@@ -143,6 +146,7 @@ CHOICES = {
     "lr_schedule": ("constant", "cosine"),
     "dtype": ("auto", "fp32", "bf16"),
     "device": ("auto", "cpu", "cuda"),
+    "compile_rollout": ("auto", "true", "false"),
 }
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 

@@ -18,14 +18,14 @@ import rewards
 import safety_metrics
 from runtime import checkpoints
 from config import Config, help_text, parse_config
-from data.stream import drop_overlong, encode, epoch_length, load_split, stream_ids
+from data.stream import drop_overlong, encode, epoch_length, load_split, prompt_lengths, stream_ids
 from data.warmstart import prepare_toy_model
 from rollout.randomness import hash64
 from rollout.engine import Engine, Rollout
 from logprobs import all_logprobs, micro_logprobs
-from runtime.parallel import (RolloutPolicy, all_gather_objects, all_reduce_sum, autocast_ctx, barrier, build_policy,
-                      build_reference, check_finite, full_states, init_distributed, load_optimizer_state,
-                      rollout_kv_budget, shutdown, uses_fsdp)
+from runtime.parallel import (all_gather_objects, all_reduce_sum, autocast_ctx, barrier, build_policy, build_reference,
+                              check_finite, full_states, init_distributed, load_optimizer_state, rollout_kv_budget,
+                              shutdown, uses_fsdp)
 from runtime.files import write_json
 from runtime.logs import MetricsLog, StatSums, plot_curves
 
@@ -62,6 +62,13 @@ def rollout(engine: Engine, processor, records, ids: list[int], cfg: Config, ste
     return dict(ids=ids, prompts=prompts, ro=ro, reward=reward, comps=[s[1] for s in scored], labels=labels)
 
 
+ENGINE_STATS = ("capture_s", "preemptions", "rows_in_flight")  # a step's rollout engine metrics (summed over draws)
+
+
+def engine_stats(ro: Rollout) -> dict:
+    return {k: float(ro.stats.get(k, 0.0)) for k in ENGINE_STATS}
+
+
 def split_groups(batch: dict, G: int) -> list[dict]:
     """A rollout batch as one small dict per prompt (CPU tensors; no images), to gather across ranks."""
     ro, rows = batch["ro"], [slice(g * G, (g + 1) * G) for g in range(len(batch["ids"]))]
@@ -93,20 +100,24 @@ def collect_step(engine, processor, records, cfg: Config, step: int, cursor: int
     P, G = cfg.prompts_per_step, cfg.group_size
     if not cfg.dynamic_sampling:
         ids = stream_ids(cursor, P, len(records), cfg)[rank::world]
-        return rollout(engine, processor, records, ids, cfg, step, reward_fn, device), cursor + P, 1
-    informative, others = [], []
+        batch = rollout(engine, processor, records, ids, cfg, step, reward_fn, device)
+        return batch | {"engine": engine_stats(batch["ro"])}, cursor + P, 1
+    informative, others, stats = [], [], {}
     for draw in range(1, cfg.max_draws + 1):
         ids = stream_ids(cursor, P, len(records), cfg)
         cursor += P
-        mine = split_groups(rollout(engine, processor, records, ids[rank::world], cfg, step * 1000 + draw, reward_fn,
-                                    device), G)
+        drawn = rollout(engine, processor, records, ids[rank::world], cfg, step * 1000 + draw, reward_fn, device)
+        stats = {k: stats.get(k, 0.0) + v for k, v in engine_stats(drawn["ro"]).items()}
+        mine = split_groups(drawn, G)
         parts = all_gather_objects(mine)  # rank r holds stream positions r, r + world, ...
         for g in [parts[k % world][k // world] for k in range(P)]:
             (informative if bool(grpo.informative_groups(g["reward"], G)[0]) else others).append(g)
         if len(informative) >= P:
             break
     chosen = (informative + others)[:P]
-    return join_groups(chosen[rank::world], processor, records, cfg, processor.pad_token_id), cursor, draw
+    stats["rows_in_flight"] /= draw
+    return join_groups(chosen[rank::world], processor, records, cfg, processor.pad_token_id) | {"engine": stats}, \
+        cursor, draw
 
 
 def evaluate(engine: Engine, processor, records, cfg: Config, device, reward_fn, rank: int, world: int) -> dict:
@@ -277,8 +288,9 @@ def main(argv: list[str] | None = None) -> dict:
     reward_fn = rewards.resolve_reward(cfg.reward)
     init_path = prepare_toy_model(cfg, rank, device) if cfg.model == "toy" else cfg.model
     processor = vlm.load_processor(init_path)
-    train_records = drop_overlong(processor, load_split(cfg, cfg.train_split), cfg, log)
+    train_records, longest = drop_overlong(processor, load_split(cfg, cfg.train_split), cfg, log)
     eval_records = load_split(cfg, cfg.eval_split)[:cfg.eval_size or None]
+    longest = max([longest] + prompt_lengths(processor, eval_records, cfg))  # sizes the rollout state once
     if not train_records:
         raise ValueError(f"--data={cfg.data}: split {cfg.train_split!r} has no rows of at most "
                          f"--max_prompt_len={cfg.max_prompt_len} prompt tokens")
@@ -308,14 +320,16 @@ def main(argv: list[str] | None = None) -> dict:
     metrics_log = MetricsLog(cfg.out_dir, rank == 0, cfg.wandb, cfg.wandb_project, cfg.to_dict(),
                              resume_step=start_step)
 
-    # ---- rollout engines, each keeping its buffers and CUDA graphs across steps: G samples, and greedy eval
-    kv_budget = rollout_kv_budget(cfg, net, device)
-    rollout_engine, eval_engine = Engine(net, kv_budget_bytes=kv_budget), Engine(net, kv_budget_bytes=kv_budget)
+    # ---- one rollout engine for G samples and for greedy evaluation: its key/value store, weight copies and CUDA
+    # graphs (under FSDP2 a whole copy of the weights, refreshed in place) live through the run
+    compile_rollout = cfg.compile_rollout == "true" or cfg.compile_rollout == "auto" and device.type == "cuda"
+    engine = Engine(net, kv_budget_bytes=rollout_kv_budget(cfg, net, device), max_prompt_len=longest,
+                    compile=compile_rollout)
 
     def run_eval(tag: str, records) -> dict:
-        with RolloutPolicy(wrapped, net, fsdp):
-            m = evaluate(eval_engine, processor, records, cfg, device, reward_fn, rank, world)
-        eval_engine.release()  # evaluations are rare: give its KV slots and weight copies back until the next
+        net.eval()
+        m = evaluate(engine, processor, records, cfg, device, reward_fn, rank, world)
+        net.train()
         log(f"eval[{tag}] " + " ".join(f"{k}={v:.3f}" for k, v in m.items() if isinstance(v, float)), flush=True)
         return m
 
@@ -335,9 +349,13 @@ def main(argv: list[str] | None = None) -> dict:
     for step in range(start_step, total_steps):
         t0 = time.time()
         # 1. rollouts: G samples per prompt from the current policy, scored by the rule reward
-        with RolloutPolicy(wrapped, net, fsdp):
-            batch, cursor, draws = collect_step(rollout_engine, processor, train_records, cfg, step, cursor,
-                                                reward_fn, device, rank, world)
+        net.eval()
+        batch, cursor, draws = collect_step(engine, processor, train_records, cfg, step, cursor, reward_fn, device,
+                                            rank, world)
+        net.train()
+        if step == start_step and engine.compile_s is not None:
+            log(f"rollout: the decode step's decoder layer compiled in {engine.compile_s:.1f} s (once for every "
+                f"layer and shape)", flush=True)
         ro, t_rollout = batch["ro"], time.time() - t0
         # 2-3. old log-probs, advantages, then mu epochs of clipped-loss updates
         stats = grpo_update(wrapped, ref_model, optimizer, scheduler, kl_ctl, batch, cfg, device, rank, world,
@@ -345,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
         # 4. the step's metrics, summed over ranks: rewards and safety behaviour of the samples, then the loss's
         totals = all_reduce_sum(safety_metrics.sums(batch["reward"].tolist(), batch["comps"], batch["labels"])
                                 | {"tokens": float(ro.response_mask.sum())}, device)
-        m = safety_metrics.means(totals) | stats | {
+        m = safety_metrics.means(totals) | stats | batch["engine"] | {
             "response_len": totals["tokens"] / totals["n"], "draws": draws, "lr": scheduler.get_last_lr()[0],
             "tokens_per_s": totals["tokens"] / max(t_rollout, 1e-9), "rollout_time": t_rollout,
             "step_time": time.time() - t0}

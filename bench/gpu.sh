@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The GPU check, one script that finishes within 8 minutes on one NVIDIA GPU:
+# The GPU check, one script that finishes within 10 minutes on one NVIDIA GPU:
 #   1. a Python environment (an existing CUDA one, or a venv made from requirements.txt),
 #   2. the GPU tests (pytest -k "gpu or cuda"; ALL_TESTS=1: the whole suite with CUDA visible),
 #   3. on a random-weight Qwen3-VL-2B-sized model (bf16, 1 image, G=8): the rollout engine's decode step (ms per
-#      step at 8 / 64 / 256 rows, CUDA graph vs eager, kernels per step, GPU busy fraction, bandwidth bound); its
-#      tokens/s vs Hugging Face generate at 1 x 8 (512 new tokens) and 16 x 8 prompts (128); sampler vs training
-#      forward log-probs in the trainer's precision; full GRPO steps (8 prompts x 8 x 512) with their time split,
+#      step at 8 / 64 / 256 rows, CUDA graph vs eager, kernels per step, GPU busy fraction, bandwidth bound); the
+#      compiled step (--compile_rollout) vs eager layers; the step under FSDP2 (torchrun, one process) vs the plain
+#      engine; tokens/s vs Hugging Face generate at 1 x 8 (512 new tokens) and 16 x 8 prompts (128); a rollout at
+#      the paper's shape (8B-sized, 32 prompts of ~1,000 tokens with an image, G=8, responses of every length up
+#      to 2,048 under a 20 GiB paged KV budget); sampler vs training forward log-probs in the trainer's precision;
+#      full GRPO steps (8 prompts x 8 x 512) with their time split,
 #   4. one train.py step under torchrun with FSDP2 and activation checkpointing, and its peak GPU memory.
 # Everything lands in $OUT (else runs/gpu_check): gpu_results.txt (summary), gpu_results.json, logs.tar.gz (a log
 # per stage).
@@ -13,8 +16,8 @@
 #   bash bench/gpu.sh               # on a GPU machine
 #   bash bench/gpu.sh --dry-run     # (or SMALL=1) tiny model on the CPU: checks the plumbing anywhere
 # Knobs (environment): PYTHON (interpreter to use), VENV (where to make one), G, N, RUNS, P, N_BATCH, MISMATCH_P,
-# MISMATCH_N, GRPO_P, GRPO_STEPS, TRAIN_NEW_TOKENS,
-# ALL_TESTS=1, BUDGET_S (total seconds, default 470).
+# MISMATCH_N, GRPO_P, GRPO_STEPS, TRAIN_NEW_TOKENS, PAPER_P, PAPER_N, PAPER_KV_GB,
+# ALL_TESTS=1, BUDGET_S (total seconds, default 560).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,13 +26,13 @@ SMALL="${SMALL:-0}"
 for arg in "$@"; do
   case "$arg" in
     --dry-run) SMALL=1 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "bench/gpu.sh: unknown argument $arg (use --dry-run or SMALL=1)" >&2; exit 2 ;;
   esac
 done
 
 START=$(date +%s)
-BUDGET_S="${BUDGET_S:-470}"   # 8 minutes minus a margin for the summary
+BUDGET_S="${BUDGET_S:-560}"   # 10 minutes minus a margin for the summary
 OUTDIR="${OUT:-$ROOT/runs/gpu_check}"
 mkdir -p "$OUTDIR"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/safegrpo-gpu.XXXXXX")"   # checkpoints and run dirs: large, never under $OUT
@@ -45,11 +48,13 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFOR
 if [ "$SMALL" = 1 ]; then
   G="${G:-2}"; N="${N:-8}"; RUNS="${RUNS:-1}"; TRAIN_NEW_TOKENS="${TRAIN_NEW_TOKENS:-8}"; SMALL_FLAG="--small"
   P="${P:-2}"; N_BATCH="${N_BATCH:-8}"; MISMATCH_P="${MISMATCH_P:-2}"; MISMATCH_N="${MISMATCH_N:-8}"
-  GRPO_P="${GRPO_P:-2}"; GRPO_STEPS="${GRPO_STEPS:-2}"
+  GRPO_P="${GRPO_P:-2}"; GRPO_STEPS="${GRPO_STEPS:-2}"; PAPER_P="${PAPER_P:-2}"; PAPER_N="${PAPER_N:-32}"
+  PAPER_KV_GB="${PAPER_KV_GB:-0.01}"
 else
-  G="${G:-8}"; N="${N:-512}"; RUNS="${RUNS:-3}"; TRAIN_NEW_TOKENS="${TRAIN_NEW_TOKENS:-64}"; SMALL_FLAG=""
+  G="${G:-8}"; N="${N:-512}"; RUNS="${RUNS:-2}"; TRAIN_NEW_TOKENS="${TRAIN_NEW_TOKENS:-64}"; SMALL_FLAG=""
   P="${P:-16}"; N_BATCH="${N_BATCH:-128}"; MISMATCH_P="${MISMATCH_P:-8}"; MISMATCH_N="${MISMATCH_N:-256}"
-  GRPO_P="${GRPO_P:-8}"; GRPO_STEPS="${GRPO_STEPS:-3}"
+  GRPO_P="${GRPO_P:-8}"; GRPO_STEPS="${GRPO_STEPS:-2}"; PAPER_P="${PAPER_P:-32}"; PAPER_N="${PAPER_N:-2048}"
+  PAPER_KV_GB="${PAPER_KV_GB:-20}"
 fi
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
@@ -149,16 +154,23 @@ if run_stage checkpoint 90 "$PY" bench/gpu_check.py checkpoint "$CKPT" $SMALL_FL
   add_json checkpoint "$LOGS/checkpoint.log" > /dev/null
   say "[checkpoint] $(grep '^SUMMARY ' "$LOGS/checkpoint.log" | tail -n 1 | cut -c9-)"
   stage decode 60 "$CKPT" --G "$G" --N "$N" $SMALL_FLAG
-  stage sampler 150 "$CKPT" --G "$G" --N "$N" --P "$P" --N_batch "$N_BATCH" --runs "$RUNS"
-  stage mismatch 60 "$CKPT" --G "$G" --P "$MISMATCH_P" --N "$MISMATCH_N" --micro 16
-  stage grpo 120 "$CKPT" --G "$G" --P "$GRPO_P" --N "$N" --steps "$GRPO_STEPS" --micro 16
+  stage compile 90 "$CKPT" --G "$G" --N "$N" $SMALL_FLAG
+  if run_stage fsdp_decode 60 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 bench/gpu_check.py \
+      fsdp_decode "$CKPT" --G "$G" --N "$N" $SMALL_FLAG; then
+    add_json fsdp_decode "$LOGS/fsdp_decode.log" > /dev/null
+    say "[fsdp_decode] $(grep '^SUMMARY ' "$LOGS/fsdp_decode.log" | tail -n 1 | cut -c9-)"
+  else FAILED=1; fi
+  stage sampler 120 "$CKPT" --G "$G" --N "$N" --P "$P" --N_batch "$N_BATCH" --runs "$RUNS"
+  stage paper_rollout 120 - --G "$G" --P "$PAPER_P" --N "$PAPER_N" --budget_gb "$PAPER_KV_GB" $SMALL_FLAG
+  stage mismatch 45 "$CKPT" --G "$G" --P "$MISMATCH_P" --N "$MISMATCH_N" --micro 16
+  stage grpo 90 "$CKPT" --G "$G" --P "$GRPO_P" --N "$N" --steps "$GRPO_STEPS" --micro 16
 else FAILED=1; fi
 
 # ---------------------------------------------------------------- 4. one FSDP2 + activation-checkpointing step
 DATA="$WORK/safetag"
 if [ -d "$CKPT" ] && run_stage data 30 "$PY" bench/gpu_check.py data "$DATA"; then
   TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node=1)
-  if run_stage train 120 "${TORCHRUN[@]}" bench/gpu_check.py train --model="$CKPT" --data="$DATA" \
+  if run_stage train 90 "${TORCHRUN[@]}" bench/gpu_check.py train --model="$CKPT" --data="$DATA" \
       --fsdp=true --activation_checkpointing=true --max_steps=1 --prompts_per_step=1 --mini_batch_prompts=1 \
       --group_size="$G" --micro_batch_size="$G" --max_new_tokens="$TRAIN_NEW_TOKENS" --max_prompt_len=1024 \
       --eval_every=0 --save_every=0 --keep_last=1 --out_dir="$WORK/run" $([ "$SMALL" = 1 ] && echo --device=cpu); then

@@ -174,7 +174,7 @@ def profile_ours(ref_holder: dict):
     P.wrap(train, "encode", "prompt encoding (chat template, image patches)")
     P.wrap(train, "rollout", "rollout total (generate + decode + reward)")
     P.wrap(step, "prefill", "  prefill (vision + prompt)")
-    P.wrap(step.Decoder, "forward", "  decode forwards")
+    P.wrap(step.DecodeState, "step", "  decode steps")
     P.wrap(step, "sample", "  sampling (softmax, cumsum)")
     P.wrap(train, "micro_logprobs", lambda model, *a, **k:
            "reference forward" if model is ref_holder.get("ref") else "policy forward (+ log-probs)")
@@ -239,8 +239,8 @@ def run_ours(ckpt: str, kl: float, steps: int, warmup: int, threads: int, profil
     engine = train.Engine(net)  # kept across steps, as main() keeps it
     for step in range(warmup + steps):
         clock.begin()
-        with train.RolloutPolicy(wrapped, net, False):  # the prompt is encoded every step, as main() and TRL do
-            batch = train.rollout(engine, processor, [record], [0], cfg, step, reward_fn, device)
+        # the prompt is encoded every step, as main() and TRL do
+        batch = train.rollout(engine, processor, [record], [0], cfg, step, reward_fn, device)
         train.grpo_update(wrapped, ref_model, optimizer, scheduler, grpo.FixedKLController(kl), batch, cfg, device, 0,
                           1, processor.pad_token_id)
         clock.end()

@@ -156,21 +156,14 @@ def decode_step_ops(layers: int, G: int = 8) -> dict:
     not depend on the width), after the reference prompt."""
     import dataclasses
 
-    from rollout import randomness
-    from rollout import engine
     from model.qwen3_vl import Qwen3VL
+    from rollout import engine
     cfg = bench_config()
     cfg.text = dataclasses.replace(cfg.text, num_hidden_layers=layers)
     net = Qwen3VL(cfg).init_weights(seed=0).eval()
-    eng = engine.Engine(net)
-    prompt = make_prompt(256)
-    eng.generate([prompt], group_size=G, max_new_tokens=16)
-    st = eng.state
-    st.reset()
-    st.admit([0], [prompt], randomness.row_keys(0, 1, G), 0)
-    st.rows, st.length = G, 8
+    st, shape = engine.Engine(net).ready([make_prompt(256)], group_size=G, max_new_tokens=16, steps=8)
     with torch.no_grad():
-        return count_ops(st.step)
+        return count_ops(lambda: st.step(shape))
 
 
 def child(args):

@@ -21,14 +21,20 @@ def encode(processor, record, cfg) -> dict:
     return processor.encode(text, record.images)
 
 
-def drop_overlong(processor, records, cfg, log=print) -> list:
-    """The records whose prompt fits cfg.max_prompt_len; the others are dropped when the data is loaded (verl's
-    filter_overlong_prompts, which the paper's launch script sets), counted and reported, never cut."""
-    kept = [r for r in records if encode(processor, r, cfg)["input_ids"].numel() <= cfg.max_prompt_len]
+def prompt_lengths(processor, records, cfg) -> list[int]:
+    return [encode(processor, r, cfg)["input_ids"].numel() for r in records]
+
+
+def drop_overlong(processor, records, cfg, log=print) -> tuple[list, int]:
+    """(the records whose prompt fits cfg.max_prompt_len, the longest of their prompts); the others are dropped when
+    the data is loaded (verl's filter_overlong_prompts, which the paper's launch script sets), counted and reported,
+    never cut."""
+    lengths = prompt_lengths(processor, records, cfg)
+    kept = [r for r, n in zip(records, lengths) if n <= cfg.max_prompt_len]
     if len(kept) < len(records):
         log(f"dropped {len(records) - len(kept)} of {len(records)} records with prompts over "
             f"--max_prompt_len={cfg.max_prompt_len} tokens", flush=True)
-    return kept
+    return kept, max((n for n in lengths if n <= cfg.max_prompt_len), default=0)
 
 
 def epoch_length(n_records: int, cfg) -> int:

@@ -95,7 +95,7 @@ class Options:
     fsdp: bool = False             # FSDP2 (params, grads, optimizer sharded over world_size) instead of DDP
     base_dtype: str = "fp32"       # storage of frozen weights (the LoRA base, a frozen tower): fp32 | bf16
     kl: bool = True                # a KL term (full fine-tune: a reference copy; LoRA: adapters disabled)
-    engines: int = 1               # rollout engines holding weight copies (train.py: rollouts; eval releases its own)
+    engines: int = 1               # rollout engines holding weight copies (train.py: one, rollouts and evaluation)
     gpu_gb: float = 80.0           # GPU memory, GiB
     group_size: int = 8            # for the hints: G, response budget, prompt length, micro-batch rows
     max_new_tokens: int = 4096
@@ -111,9 +111,12 @@ def plan(cfg, opt: Options) -> dict:
       optimizer = 8 N_t / S                      (AdamW exp_avg + exp_avg_sq, fp32)
       reference = 2 N  (full fine-tune with KL: parallel.build_reference's bf16 copy, whole on every rank;
                         LoRA: 0, the policy with its adapters disabled)
-      engine copies = engines * 2 * (decoder linear + lm_head weights)   (rollout.step.DecodeState keeps bf16 copies of
-                        the linear layers when they are stored fp32; none under FSDP2 or with a bf16 LoRA base)
-      FSDP2 rollout = 2 N  (RolloutPolicy unshards the whole model in bf16 for the generation)
+      engine copies = engines * 2 * (decoder linear + lm_head weights)   (rollout/weights.py keeps bf16 copies of the
+                        linear layers when they are stored fp32; none with a bf16 LoRA base);
+                      under FSDP2: engines * 2 N, a whole bf16 copy of the weights at fixed addresses (refreshed
+                        from the shards before each rollout) that the CUDA graphs replay over
+      FSDP2 rollout = 2 R  (the refresh gathers one FSDP unit at a time: the largest is the root R, everything outside
+                        the decoder blocks)
       FSDP2 update = 2 (R + 2 B) + 6 (R_t + B_t)  (bf16 unsharded root R = everything outside the decoder blocks,
                         kept through forward and backward, and two blocks B (one prefetched); their gradients in
                         bf16 and fp32 for the reduce-scatter)
@@ -134,8 +137,8 @@ def plan(cfg, opt: Options) -> dict:
         "weights": (4 * trainable + BYTES[opt.base_dtype] * frozen) / S,
         "optimizer": 8 * trainable / S,
         "reference": 2 * base if opt.kl and not opt.lora_rank else 0,
-        "engine_copies": opt.engines * 2 * (n["decoder_linear"] + cfg.text.vocab_size * cfg.text.hidden_size)
-        if linear_fp32 and not opt.fsdp else 0,
+        "engine_copies": opt.engines * 2 * total if opt.fsdp else
+        opt.engines * 2 * (n["decoder_linear"] + cfg.text.vocab_size * cfg.text.hidden_size) if linear_fp32 else 0,
         "gradients": 4 * trainable / S + (4 * trainable if ddp else 0),
     }
     L = cfg.text.num_hidden_layers
@@ -145,7 +148,7 @@ def plan(cfg, opt: Options) -> dict:
         root_t = n["adapters_vision"] if opt.lora_rank else trainable - n["decoder_blocks"]
         block_t = n["adapters_text"] // L if opt.lora_rank else n["block"]
         items["fsdp_update"] = 2 * (root + 2 * block) + 6 * (root_t + block_t)
-        items["fsdp_rollout"] = 2 * total
+        items["fsdp_rollout"] = 2 * max(root, block)
     else:
         items["fsdp_update"] = items["fsdp_rollout"] = 0
     held = items["weights"] + items["optimizer"] + items["reference"] + items["engine_copies"]
@@ -183,12 +186,13 @@ def format_plan(name: str, cfg, opt: Options) -> str:
              f"  optimizer (AdamW moments, fp32)      {g(p['optimizer'])}",
              f"  reference model                      {g(p['reference'])}"
              + ("   (adapters disabled: none)" if opt.lora_rank else ""),
-             f"  rollout engine weight copies (bf16)  {g(p['engine_copies'])}",
+             f"  rollout engine weight copies (bf16)  {g(p['engine_copies'])}"
+             + ("   (the whole model: graphs under FSDP2)" if opt.fsdp else ""),
              f"  = held through the run               {g(p['held'])}",
              f"  + gradients during the update        {g(p['gradients'])}"]
     if opt.fsdp:
         lines += [f"  + FSDP2 unsharded blocks (update)    {g(p['fsdp_update'])}",
-                  f"  + FSDP2 whole model (rollout)        {g(p['fsdp_rollout'])}"]
+                  f"  + FSDP2 unit gathered (rollout copy) {g(p['fsdp_rollout'])}"]
     lines += [f"  = peak before KV cache / activations {g(p['peak'])}   of {opt.gpu_gb:.0f} GiB: "
               + ("fits" if p["left"] > 0 else "DOES NOT FIT"),
               f"  hints: KV cache {p['kv_per_token'] / 1024:.0f} KiB/token; one group of {opt.group_size} x "

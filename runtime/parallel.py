@@ -1,6 +1,7 @@
 """Processes and model placement for train.py: torchrun process groups (gloo on CPU, NCCL on GPU), the policy
-wrapped for data parallelism (DDP, or FSDP2 `fully_shard` per decoder block), the frozen reference, whole
-parameters for rollouts, and full state dicts for checkpoints (gathered on every rank, written by rank 0).
+wrapped for data parallelism (DDP, or FSDP2 `fully_shard` per decoder block), the frozen reference, the FSDP2 units
+the rollout engine gathers its weight copy from, and full state dicts for checkpoints (gathered on every rank,
+written by rank 0).
 """
 import os
 from contextlib import nullcontext
@@ -59,6 +60,33 @@ def shutdown():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def is_sharded(model) -> bool:
+    """Whether the model's parameters are FSDP2 shards (DTensors): the one test of it, for the trainer and the
+    rollout engine alike."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def fsdp_units(model) -> list:
+    """[(FSDP2 unit, [(parameter name in the model, name in the unit)])], root first (FSDP2 initialises from the
+    root): each unit with the parameters it gathers itself (a nested unit's are its own). Tied parameters once."""
+    from torch.distributed.fsdp import FSDPModule
+    units = [(path, m) for path, m in model.named_modules() if isinstance(m, FSDPModule)]
+    paths = [path for path, _ in units]
+    out = []
+    for path, unit in units:
+        names = []
+        for local, _ in unit.named_parameters():
+            full = f"{path}.{local}" if path else local
+            if max((u for u in paths if u == "" or full.startswith(u + ".")), key=len) == path:
+                names.append((full, local))
+        out.append((unit, names))
+    return out
 
 
 def uses_fsdp(cfg: Config) -> bool:
@@ -160,37 +188,6 @@ def build_reference(init_path: str, cfg: Config, device, net) -> Reference | Non
     ref = vlm.load(init_path, device=device, dtype=dtype)
     ref.requires_grad_(False)
     return Reference(ref.eval())
-
-
-class RolloutPolicy:
-    """Rollouts need whole parameters: under FSDP2 unshard every block once for the whole generation
-    (one all-gather per block per step instead of one per block per decoded token). Resharding after each
-    forward is switched off meanwhile: FSDP2's post-forward hook would otherwise reshard a block after the
-    prefill, and every decode step would all-gather it again (and the sampler's decode_step, which reads
-    weights directly, needs them unsharded)."""
-
-    def __init__(self, wrapped, net, fsdp: bool):
-        self.wrapped, self.net, self.fsdp = wrapped, net, fsdp
-
-    def _fsdp_modules(self):
-        return [m for m in self.net.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
-
-    def __enter__(self):
-        if self.fsdp:
-            for m in self._fsdp_modules():
-                m.set_reshard_after_forward(False, recurse=False)
-                m.unshard()
-        self.net.eval()
-        return self.net
-
-    def __exit__(self, *exc):
-        if self.fsdp:
-            for m in self._fsdp_modules():
-                # back to what build_policy's fully_shard calls chose: blocks reshard after forward; the root
-                # (net itself) does not, since its backward follows right away
-                m.set_reshard_after_forward(m is not self.net, recurse=False)
-                m.reshard()
-        self.net.train()
 
 
 def full_states(wrapped, net, optimizer, cfg: Config, extras_from: str, optimizer_state: bool = True,

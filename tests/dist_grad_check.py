@@ -61,9 +61,8 @@ def main(out_dir: str, fsdp: bool, extra: list[str]):
     unit = (lambda n: n * 1e-3) if not cfg.dynamic_sampling else (lambda n: (n % 2) * 1e-3)
     reward_fn = (lambda score: lambda text, labels: (lambda r, c: (r + unit(len(text)), c))(*score(text, labels)))(
         reward_fn)
-    with train.RolloutPolicy(wrapped, net, train.uses_fsdp(cfg)):
-        batch, _, draws = train.collect_step(train.Engine(net), processor, records, cfg, 0, 0, reward_fn, device,
-                                             rank, world)
+    batch, _, draws = train.collect_step(train.Engine(net), processor, records, cfg, 0, 0, reward_fn, device, rank,
+                                         world)
     opt = GradRecorder(p for p in wrapped.parameters() if p.requires_grad)  # LoRA: the adapters alone
     sched = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), lambda s: 1.0)
     stats = train.grpo_update(wrapped, ref, opt, sched, train.grpo.FixedKLController(cfg.kl_coef), batch, cfg, device,

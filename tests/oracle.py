@@ -1,4 +1,4 @@
-"""The sampler's test oracles: the slow obvious versions the rollout engine (engine.py) is checked against, and
+"""The sampler's test oracles: the slow obvious versions the rollout engine (rollout/) is checked against, and
 the check that its decode step compiles as one graph.
 
 reference_generate: greedy, one prompt at a time, a full cache-free forward over the whole sequence per step.
@@ -8,12 +8,10 @@ shared prefix, no slots, no buckets, no graphs, Python-side randomness.
 """
 import torch
 
-from rollout.randomness import row_keys, uniforms
-
-from rollout.sampling import sample
-
-from rollout.step import prefill
 from rollout.engine import Rollout
+from rollout.randomness import row_keys, uniforms
+from rollout.sampling import sample
+from rollout.step import prefill
 
 
 @torch.no_grad()
@@ -80,24 +78,24 @@ def oracle_generate(model, prompts: list[dict], group_size: int, max_new_tokens:
 STEP_STATE = ("tokens", "lengths", "done", "out_tokens", "out_logprobs")
 
 
-def check_step_compiles(st) -> None:
+def check_step_compiles(st, shape) -> None:
     """torch.compile(fullgraph=True) fails on any graph break (a data-dependent branch, a host read): the CPU check
     that a DecodeState's step is capturable as one graph. Two compiled steps do what two eager ones did."""
     before = {k: getattr(st, k).clone() for k in STEP_STATE}
-    sk, sv = st.cache.sk.clone(), st.cache.sv.clone()
-    with torch.no_grad():
-        st.step()
-        st.step()
+    store = {k: t.clone() for k, t in vars(st.kv).items() if isinstance(t, torch.Tensor)}  # keys, values, tables
+    with torch.no_grad(), st.autocast():
+        st.step(shape)
+        st.step(shape)
     eager = {k: getattr(st, k).clone() for k in STEP_STATE}
     for k, v in before.items():
         getattr(st, k).copy_(v)
-    st.cache.sk.copy_(sk)
-    st.cache.sv.copy_(sv)
+    for k, t in store.items():
+        getattr(st.kv, k).copy_(t)
     torch._dynamo.reset()
     compiled = torch.compile(st.step, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():
-        compiled()
-        compiled()
+    with torch.no_grad(), st.autocast():
+        compiled(shape)
+        compiled(shape)
     for k in STEP_STATE:
         assert torch.allclose(getattr(st, k).float(), eager[k].float(), atol=1e-5), k
     assert int((st.lengths - before["lengths"]).sum()) > 0  # the steps did something

@@ -10,7 +10,6 @@ from lora_kit import ARCHS, one_step, randomize_adapters, snapshot
 from model.lora import adapters_disabled, add_lora, is_lora_key, merged, save_merged, trainable_parameters
 from oracle import check_step_compiles
 from rollout.engine import Engine
-from rollout.randomness import row_keys
 
 
 # ----------------------------------------------------------------------------- the rollout engine
@@ -51,7 +50,8 @@ def test_kept_engine_follows_adapter_updates():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             kept.generate(prompts, **kw)
             if amp:
-                assert kept.state.copies and not any(".lora_" in n for n in kept.state.copies)
+                copies = kept.state.weights.copies
+                assert copies and not any(".lora_" in n for n in copies)
             state = kept.state
             randomize_adapters(net, seed=int(amp), scale=0.2)  # in place, as an optimizer step
             again = kept.generate(prompts, **kw)
@@ -68,14 +68,9 @@ def test_engine_step_with_adapters_compiles_as_one_graph():
     add_lora(net, rank=4, alpha=8.0)
     randomize_adapters(net, scale=0.2)
     prompts = make_prompts(proc)
-    eng = Engine(net, buckets=True)
-    eng.generate(prompts, group_size=3, max_new_tokens=12, stop_token_ids=STOP)
-    st = eng.state
-    st.reset()
-    st.is_stop[:len(STOP)] = True
-    st.admit(list(range(len(prompts))), prompts, row_keys(0, len(prompts), 3), 0)
-    st.rows, st.length = len(prompts) * 3, 12
-    check_step_compiles(st)
+    st, shape = Engine(net, buckets=True).ready(prompts, group_size=3, max_new_tokens=12, steps=2,
+                                                stop_token_ids=STOP)
+    check_step_compiles(st, shape)
 
 
 def test_bf16_base_with_fp32_adapters_under_autocast():
@@ -90,7 +85,7 @@ def test_bf16_base_with_fp32_adapters_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         eng = Engine(net)
         ro = eng.generate(prompts[:2], group_size=2, max_new_tokens=6, temperature=1.0, stop_token_ids=STOP, seed=1)
-        assert not eng.state.copies
+        assert not eng.state.weights.copies and eng.state.weights.module is net
         with adapters_disabled(net):
             base = Engine(net).generate(prompts[:2], group_size=2, max_new_tokens=6, temperature=1.0,
                                         stop_token_ids=STOP, seed=1)
