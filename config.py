@@ -67,6 +67,8 @@ class Config:
     max_steps: int = 0                 # stop after this many steps (0: run all epochs)
     mini_batch_prompts: int = 64       # prompts per optimizer update (256/64 = 4 updates per step)
     micro_batch_size: int = 16         # sequences per forward/backward on one rank (gradient accumulation)
+    micro_batch_tokens: int = 0        # pack micro-batches by tokens instead: rows sorted by length, at most this many
+                                       # rows x (prompt + response) positions each (verl's dynamic batch size; 0: off)
     ppo_epochs: int = 1                # mu: passes over each step's rollouts
     lr: float = 1e-6                   # AdamW learning rate
     weight_decay: float = 0.01         # AdamW weight decay (verl's default)
@@ -113,7 +115,8 @@ class Config:
                      "max_new_tokens", "max_prompt_len", "max_draws"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("rollout_kv_gb", "tis_cap", "overlong_buffer", "kl_target", "lora_rank", "entropy_coef"):
+        for name in ("rollout_kv_gb", "tis_cap", "overlong_buffer", "kl_target", "lora_rank", "entropy_coef",
+                     "micro_batch_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
         if self.overlong_buffer >= self.max_new_tokens:

@@ -1,17 +1,20 @@
 """The training forward: log-probs (and entropies) of rollout tokens under a model (the policy being trained, or the
-frozen reference), a few rows at a time, and the per-token math that turns logits into them.
+frozen reference), a micro-batch of rows at a time, and the per-token math that turns hidden states into them.
 
 With shared_prefix (the default) the rows' distinct prompts run once and their G rows attend to them
 (model/prefix.py); otherwise every row is [its prompt | its response] with the prompt recomputed G times (collate).
 Positions and image slots come from the prompt alone, and response positions continue as text, exactly as the
 rollout engine decoded them, so the sampler's log-probs and these agree (tests/test_engine.py).
-Log-probs and entropies are fp32 and chunked over (batch, time), so the full (B, T, V) fp32 softmax of a long response
-never exists at once (the vocabulary is ~150k for Qwen-VL); the sampler computes the same log-prob
+The forward stops at the last hidden states; log-probs and entropies come out of the LM head chunk by chunk
+(head_logprobs), fp32, with the chunk recomputed in backward: the (B, T, V) logits of a long response (V ~150k for
+Qwen-VL) and their gradient never exist whole. token_logprobs / token_entropy do the same from given logits.
+Micro-batches are a fixed number of rows, or packed by tokens (micro_batches); the sampler computes the same log-prob
 (rollout/sampling.py).
 """
 import torch
+import torch.nn.functional as F
 
-from model.prefix import GroupedForward, grouped_logits
+from model.prefix import GroupedForward, grouped_hidden
 from model.processor import left_pad
 from runtime.parallel import autocast_ctx
 
@@ -136,6 +139,94 @@ def token_entropy(logits, temperature=1.0, chunk_size=512):
     return _TokenEntropy.apply(logits, float(temperature), int(chunk_size))
 
 
+class _HeadLogprobs(torch.autograd.Function):
+    """Per-token log-probs and entropies of softmax(h W^T / T) from the last hidden states h (N, C) and the LM head
+    W (V, C), without ever holding the (N, V) logits or their gradient (at Qwen-VL's 151,936-token vocabulary they
+    are the largest tensors of a training step):
+      forward: a chunk of positions at a time, each against the whole vocabulary; keeps only each position's
+               logsumexp and E_p[z] (two floats);
+      backward: a slice of the vocabulary at a time, for every position: the slice's logits are recomputed, its
+               probabilities come from the kept logsumexp, and its rows of dL/dW are computed once, whole (so no
+               (V, C) gradient is summed over chunks); dL/dh adds up over the slices in fp32.
+    The products run under the caller's autocast (saved here and restored in backward), as the LM head would, so
+    values and gradients equal lm_head -> token_logprobs / token_entropy up to the order of float sums.
+    d logp / dz = onehot - p;  d H / dz = -p (z - E_p[z]);  z = h W^T / T."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, tokens, temperature, chunk_size, entropy_grad):
+        N = hidden.shape[0]
+        device = hidden.device.type
+        ctx.amp = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        logp, entropy, lse, mean_z = (torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(4))
+        for s in range(0, N, chunk_size):
+            z = _scaled_fp32(F.linear(hidden[s:s + chunk_size], weight), temperature)  # (c, V), one chunk only
+            lse[s:s + chunk_size] = torch.logsumexp(z, dim=-1)
+            mean_z[s:s + chunk_size] = (torch.softmax(z, dim=-1) * z).sum(dim=-1)
+            logp[s:s + chunk_size] = z.gather(-1, tokens[s:s + chunk_size, None])[:, 0] - lse[s:s + chunk_size]
+            del z
+        torch.sub(lse, mean_z, out=entropy)
+        ctx.save_for_backward(hidden, weight, tokens, lse, mean_z)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.set_materialize_grads(False)
+        if not entropy_grad:
+            ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, tokens, lse, mean_z = ctx.saved_tensors
+        T = ctx.temperature
+        enabled, dtype = ctx.amp
+        N, V = hidden.shape[0], weight.shape[0]
+        slice_rows = max(1, 4 * ctx.chunk_size * V // max(N, 1))  # a slice's buffers ~4 forward chunks each
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[0] \
+            else None
+        grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        with torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
+            for v0 in range(0, V, slice_rows):
+                w = weight[v0:v0 + slice_rows]
+                logits = F.linear(hidden, w)  # (N, v): every position, this slice of the vocabulary
+                z = _scaled_fp32(logits, T)
+                p = torch.exp(z - lse[:, None])
+                g = torch.zeros_like(z)
+                if grad_logp is not None:  # (onehot - p) * dL/dlogp
+                    gl = grad_logp.float()
+                    g.sub_(p * gl[:, None])
+                    here = (tokens >= v0) & (tokens < v0 + w.shape[0])
+                    rows = here.nonzero()[:, 0]
+                    g[rows, tokens[rows] - v0] += gl[rows]
+                if grad_entropy is not None:  # -p (z - E_p[z]) * dL/dH
+                    g.sub_(p * (z - mean_z[:, None]) * grad_entropy.float()[:, None])
+                g = g.div_(T).to(logits.dtype)  # back to the logits' dtype, as autograd through .float() would
+                if grad_h is not None:
+                    grad_h.add_(torch.matmul(g, w))
+                if grad_w is not None:
+                    grad_w[v0:v0 + slice_rows] = torch.matmul(g.t(), hidden)
+                del logits, z, p, g
+        return None if grad_h is None else grad_h.to(hidden.dtype), grad_w, None, None, None, None
+
+
+def head_logprobs(hidden, head_weight, tokens, temperature=1.0, mask=None, chunk_size=256, entropy_grad=False):
+    """(fp32 log-probs (B, T), fp32 entropies (B, T)) of tokens (B, T) under softmax(hidden (B, T, C) W^T /
+    temperature), W = head_weight (V, C): the LM head and the two statistics in chunks of chunk_size positions
+    (_HeadLogprobs). mask (B, T): only these positions go through the head (0 elsewhere), so right padding costs no
+    vocabulary-wide work. The entropies carry a gradient only with entropy_grad (an entropy bonus)."""
+    B, T, C = hidden.shape
+    if tuple(tokens.shape) != (B, T):
+        raise ValueError(f"head_logprobs: hidden {tuple(hidden.shape)} and tokens {tuple(tokens.shape)} disagree")
+    flat, ids = hidden.reshape(B * T, C), tokens.reshape(B * T).long()
+    where = None if mask is None else mask.reshape(B * T).bool().nonzero()[:, 0]
+    if where is not None:
+        flat, ids = flat.index_select(0, where), ids[where]
+    logp, entropy = _HeadLogprobs.apply(flat, head_weight, ids, float(temperature), int(chunk_size),
+                                        bool(entropy_grad))
+    if where is None:
+        return logp.view(B, T), entropy.view(B, T)
+    zeros = torch.zeros(B * T, dtype=torch.float32, device=hidden.device)
+    return zeros.index_put((where,), logp).view(B, T), zeros.index_put((where,), entropy).view(B, T)
+
+
 # ----------------------------------------------------------------------------- the training forward
 
 def collate(prompts: list[dict], response_ids: torch.Tensor, response_mask: torch.Tensor, pad_id: int, device,
@@ -161,14 +252,23 @@ def collate(prompts: list[dict], response_ids: torch.Tensor, response_mask: torc
                 image_grid_thw=None if grid is None else grid.to(device))
 
 
-def response_logprobs(model, batch: dict, response_ids: torch.Tensor, temperature: float):
-    """Log-probs of the response tokens under `model` (b, R), and the logits they came from."""
+def response_logprobs(model, batch: dict, response_ids: torch.Tensor, temperature: float, entropy_grad=False,
+                      mask=None):
+    """(log-probs, entropies) (b, R) of the response tokens under `model` (the per-row forward of collate's rows),
+    0 where mask (b, R) is 0."""
     R = response_ids.shape[1]
-    # logits at column t predict token t+1: the R response tokens are predicted by the R columns before them
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+    # the hidden state at column t predicts token t+1: the R response tokens are predicted by the R columns before
+    hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
                    pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                   image_mask=batch["image_mask"], logits_to_keep=R + 1)[:, :-1]
-    return token_logprobs(logits, response_ids, temperature=temperature), logits
+                   image_mask=batch["image_mask"], logits_to_keep=R + 1, return_hidden=True)[:, :-1]
+    return head_logprobs(hidden, _net(model).lm_head.weight, response_ids, temperature, mask,
+                         entropy_grad=entropy_grad)
+
+
+def _net(model):
+    """The model inside a DDP wrapper (.module) and GroupedForward (.net)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "net", model)
 
 
 def collate_groups(prompts: list[dict], prompt_index: torch.Tensor, response_ids, response_mask, pad_id: int,
@@ -185,7 +285,7 @@ def collate_groups(prompts: list[dict], prompt_index: torch.Tensor, response_ids
 
 def micro_logprobs(model, prompts, ro, rows: list[int], cfg, device, pad_id: int, entropy_grad: bool = False):
     """(log-probs (b, R), entropies (b, R), response ids, mask) of some rollout rows, trimmed to their longest
-    response R. The entropies carry a gradient only with entropy_grad (an entropy bonus), else they are a statistic.
+    response R, in the order of `rows`. The entropies carry a gradient only with entropy_grad (an entropy bonus).
 
     model: the model, or its DDP wrapper (around GroupedForward when sharing prefixes). cfg: shared_prefix,
     temperature, dtype (the training forward's autocast)."""
@@ -193,22 +293,57 @@ def micro_logprobs(model, prompts, ro, rows: list[int], cfg, device, pad_id: int
     R = max(1, int(mask.sum(1).max()))
     resp = ro.response_ids[rows][:, :R].to(device)
     mask = mask[:, :R].to(device)
+    head = _net(model).lm_head
+    if head.bias is not None:
+        raise ValueError("the training forward's chunked log-probs take an LM head without a bias")
     with autocast_ctx(cfg, device):
         if cfg.shared_prefix:
-            batch = collate_groups(prompts, ro.prompt_index[rows], resp, mask, pad_id, device)
+            # the grouped forward takes each prompt's rows together: order them by prompt, then back
+            order = sorted(range(len(rows)), key=lambda i: int(ro.prompt_index[rows[i]]))
+            back = torch.empty(len(order), dtype=torch.long, device=device)
+            back[torch.tensor(order, device=device)] = torch.arange(len(order), device=device)
+            batch = collate_groups(prompts, ro.prompt_index[rows][order], resp[order], mask[order], pad_id, device)
             if isinstance(getattr(model, "module", None), GroupedForward):  # DDP around GroupedForward
-                logits, anchor = model(**batch)
+                hidden, anchor = model(**batch)
             else:
-                logits, anchor = grouped_logits(model, **batch)
-            logp = token_logprobs(logits, resp, temperature=cfg.temperature) + anchor
+                hidden, anchor = grouped_hidden(model, **batch)
+            logp, entropy = head_logprobs(hidden, head.weight, resp[order], cfg.temperature, mask[order],
+                                          entropy_grad=entropy_grad)
+            logp, entropy = logp[back] + anchor, entropy[back]
         else:
-            net = getattr(model, "module", model)  # DDP keeps the model in .module
+            net = _net(model)
             batch = collate([prompts[int(ro.prompt_index[r])] for r in rows], resp.cpu(), mask.cpu(), pad_id,
                             device, net.rope_index, net.config.image_token_id)
-            logp, logits = response_logprobs(model, batch, resp, cfg.temperature)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
-            entropy = token_entropy(logits, cfg.temperature)
+            logp, entropy = response_logprobs(model, batch, resp, cfg.temperature, entropy_grad, mask)
     return logp, entropy, resp, mask.float()
+
+
+def micro_batches(rows: list[int], ro, prompts, cfg) -> list[list[int]]:
+    """A mini-batch's rows cut into micro-batches (gradient accumulation): micro_batch_size rows each; or with
+    micro_batch_tokens (verl's dynamic batch size) rows sorted by response length and packed while the positions the
+    forward computes, rows x (longest prompt + longest response), stay within that many tokens (a row longer than
+    that goes alone). Each micro-batch's rows in their original order (grouped by prompt)."""
+    if not cfg.micro_batch_tokens:
+        return [rows[i:i + cfg.micro_batch_size] for i in range(0, len(rows), cfg.micro_batch_size)]
+    lengths = ro.response_mask.sum(1).long().tolist()
+    out, current, longest = [], [], (0, 0)
+    for r in sorted(rows, key=lambda r: (lengths[r], r)):
+        size = (prompts[int(ro.prompt_index[r])]["input_ids"].numel(), max(1, lengths[r]))
+        grown = (max(longest[0], size[0]), max(longest[1], size[1]))
+        if current and (len(current) + 1) * sum(grown) > cfg.micro_batch_tokens:
+            out.append(sorted(current))
+            current, grown = [], size
+        current.append(r)
+        longest = grown
+    return out + [sorted(current)]
+
+
+def padded_positions(micro: list[list[int]], ro) -> tuple[float, float]:
+    """(response positions the forward computes, those that are real tokens) over these micro-batches: each is
+    right-padded to its longest response."""
+    lengths = ro.response_mask.sum(1)
+    computed = sum(len(mb) * max(1, int(lengths[mb].max())) for mb in micro)
+    return float(computed), float(lengths.sum())
 
 
 @torch.no_grad()
@@ -216,9 +351,7 @@ def all_logprobs(model, prompts, ro, cfg, device, pad_id: int) -> torch.Tensor:
     """Log-probs of every rollout row (B, R) as float32 on the CPU, 0 past each response, micro-batch by
     micro-batch (no gradient): the behaviour policy recomputed, or the reference."""
     out = torch.zeros(ro.response_ids.shape, dtype=torch.float32)
-    B = ro.response_ids.shape[0]
-    for start in range(0, B, cfg.micro_batch_size):
-        rows = list(range(start, min(start + cfg.micro_batch_size, B)))
+    for rows in micro_batches(list(range(ro.response_ids.shape[0])), ro, prompts, cfg):
         logp, _, _, mask = micro_logprobs(model, prompts, ro, rows, cfg, device, pad_id)
         out[rows, :logp.shape[1]] = (logp.float() * mask).cpu()  # this micro-batch's own width R <= the step's
     return out

@@ -22,7 +22,7 @@ from data.stream import drop_overlong, encode, epoch_length, load_split, prompt_
 from data.warmstart import prepare_toy_model
 from rollout.randomness import hash64
 from rollout.engine import Engine, Rollout
-from logprobs import all_logprobs, micro_logprobs
+from logprobs import all_logprobs, micro_batches, micro_logprobs, padded_positions
 from runtime.parallel import (all_gather_objects, all_reduce_sum, autocast_ctx, barrier, build_policy, build_reference,
                               check_finite, full_states, init_distributed, load_optimizer_state, rollout_kv_budget,
                               shutdown, uses_fsdp)
@@ -149,9 +149,10 @@ def train_on_rollouts(policy, ref_model, optimizer, scheduler, batch: dict, adva
     """mu epochs over mini-batches of the step's rollouts; one optimizer update per mini-batch.
 
     Rows are ordered by prompt (row r is prompt r // G). A mini-batch is mini_batch_prompts/world prompts' G rows
-    on this rank, split into micro-batches for gradient accumulation. The loss normalizer is the mini-batch's total
-    over ALL ranks (grpo.agg_normalizer), so micro-batch and rank shares add up to the full-batch loss. loss_mask:
-    the response tokens that count (DAPO's mask_truncated zeroes cut responses). Returns the step's stats."""
+    on this rank, split into micro-batches for gradient accumulation (a number of rows, or packed by tokens:
+    logprobs.micro_batches). The loss normalizer is the mini-batch's total over ALL ranks (grpo.agg_normalizer), so
+    micro-batch and rank shares add up to the full-batch loss however the rows are cut. loss_mask: the response
+    tokens that count (DAPO's mask_truncated zeroes cut responses). Returns the step's stats."""
     ro, prompts = batch["ro"], batch["prompts"]
     rows_per_mb = cfg.mini_batch_prompts // world * cfg.group_size
     kl_in_loss = ref_model is not None and cfg.kl_coef > 0 and not cfg.kl_in_reward
@@ -160,13 +161,16 @@ def train_on_rollouts(policy, ref_model, optimizer, scheduler, batch: dict, adva
     # With the sampler's log-probs as the old ones, the forward before the first update is the recomputation:
     # the sampler/trainer mismatch of the first mini-batch comes for free (sum |delta|, tokens, max).
     mismatch = [0.0, 0.0, 0.0] if old_logprobs is ro.logprobs else None
+    positions = [0.0, 0.0]  # response positions computed, real ones among them
     for _ in range(cfg.ppo_epochs):
         for mb in chunks(range(ro.response_ids.shape[0]), rows_per_mb):
-            normalizer = all_reduce_sum([float(grpo.agg_normalizer(loss_mask[mb], cfg.loss_agg,
-                                                                   cfg.micro_batch_size))], device)[0]
+            micro = micro_batches(mb, ro, prompts, cfg)
+            count = len(micro) if cfg.loss_agg == "token-mean-micro" else \
+                float(grpo.agg_normalizer(loss_mask[mb], cfg.loss_agg))
+            normalizer = all_reduce_sum([float(count)], device)[0]
             if normalizer == 0:  # no token counts (every response truncated under mask_truncated): no update
                 continue
-            micro = list(chunks(mb, cfg.micro_batch_size))
+            positions = [a + b for a, b in zip(positions, padded_positions(micro, ro))]
             for j, rows in enumerate(micro):
                 sync = j == len(micro) - 1 or not has_no_sync  # DDP: all-reduce gradients once per mini-batch
                 with (nullcontext() if sync else policy.no_sync()):
@@ -202,6 +206,8 @@ def train_on_rollouts(policy, ref_model, optimizer, scheduler, batch: dict, adva
                 stats.count("skipped_updates")
             optimizer.zero_grad(set_to_none=True)
     out = stats.reduce(device)
+    computed, real = all_reduce_sum(positions, device)
+    out["padding"] = 1.0 - real / max(computed, 1.0)  # of the response positions the forwards computed
     if mismatch is not None:
         total, tokens = all_reduce_sum(mismatch[:2], device)
         out.update(mismatch=total / max(tokens, 1.0), mismatch_max=mismatch[2])

@@ -8,7 +8,9 @@
 #      engine; tokens/s vs Hugging Face generate at 1 x 8 (512 new tokens) and 16 x 8 prompts (128); a rollout at
 #      the paper's shape (8B-sized, 32 prompts of ~1,000 tokens with an image, G=8, responses of every length up
 #      to 2,048 under a 20 GiB paged KV budget); sampler vs training forward log-probs in the trainer's precision;
-#      full GRPO steps (8 prompts x 8 x 512) with their time split,
+#      one update micro-batch at the paper's shape (8B-sized, 8 x (1,000 + 4,096) tokens, activation checkpointing:
+#      peak memory, tokens/s, MFU; today's path vs the masked one it replaced); full GRPO steps (8 prompts x 8 x 512)
+#      with their time split,
 #   4. one train.py step under torchrun with FSDP2 and activation checkpointing, and its peak GPU memory.
 # Everything lands in $OUT (else runs/gpu_check): gpu_results.txt (summary), gpu_results.json, logs.tar.gz (a log
 # per stage).
@@ -162,6 +164,7 @@ if run_stage checkpoint 90 "$PY" bench/gpu_check.py checkpoint "$CKPT" $SMALL_FL
   else FAILED=1; fi
   stage sampler 120 "$CKPT" --G "$G" --N "$N" --P "$P" --N_batch "$N_BATCH" --runs "$RUNS"
   stage paper_rollout 120 - --G "$G" --P "$PAPER_P" --N "$PAPER_N" --budget_gb "$PAPER_KV_GB" $SMALL_FLAG
+  stage update 90 - --rows 8 $SMALL_FLAG
   stage mismatch 45 "$CKPT" --G "$G" --P "$MISMATCH_P" --N "$MISMATCH_N" --micro 16
   stage grpo 90 "$CKPT" --G "$G" --P "$GRPO_P" --N "$N" --steps "$GRPO_STEPS" --micro 16
 else FAILED=1; fi

@@ -12,6 +12,7 @@ train.py's FSDP2 step with peak GPU memory. Stages: bench/gpu_rollout.py, bench/
     python bench/gpu_check.py paper_rollout - [--P 32 --N 2048 --budget_gb 20]   # 8B-sized, paged, every length
     python bench/gpu_check.py mismatch DIR [--P 8 --N 256]       # sampler vs training-forward log-probs
     python bench/gpu_check.py grpo DIR [--P 8 --N 512 --steps 3] # full GRPO steps, time split
+    python bench/gpu_check.py update - [--rows 8]               # an 8B-sized update micro-batch, today vs replaced
     torchrun --nproc_per_node=1 bench/gpu_check.py train --model=DIR --data=DIR ...   # train.main + peak memory
 --small builds a tiny config instead, so the plumbing runs on a CPU (bench/gpu.sh --dry-run).
 """
@@ -29,7 +30,7 @@ import torch
 from bench.gpu_kit import IMAGE_SIDE, corpus, qwen3vl_config
 from bench.gpu_rollout import (cmd_compile, cmd_decode, cmd_fsdp_decode, cmd_mismatch, cmd_paper_rollout,
                                cmd_sampler)
-from bench.gpu_update import cmd_grpo
+from bench.gpu_update import cmd_grpo, cmd_update
 
 
 def cmd_checkpoint(args) -> dict:
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     stages = {"checkpoint": cmd_checkpoint, "data": cmd_data, "decode": cmd_decode, "compile": cmd_compile,
               "fsdp_decode": cmd_fsdp_decode, "sampler": cmd_sampler, "paper_rollout": cmd_paper_rollout,
-              "mismatch": cmd_mismatch, "grpo": cmd_grpo}
+              "mismatch": cmd_mismatch, "grpo": cmd_grpo, "update": cmd_update}
     ap.add_argument("stage", choices=tuple(stages))
     ap.add_argument("dir", help="checkpoint or data directory")
     ap.add_argument("--small", action="store_true", help="a tiny config instead of the 2B-sized one")
@@ -126,6 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget_gb", type=float, default=20.0, help="paper_rollout: the KV budget")
     ap.add_argument("--mean", type=int, default=600, help="paper_rollout: mean response length (stop tokens)")
     ap.add_argument("--prompt_text", type=int, default=800, help="paper_rollout: text tokens beside the image")
+    ap.add_argument("--rows", type=int, default=8, help="update: rows of the micro-batch")
     args = ap.parse_args(argv)
     fn = stages[args.stage]
     print("RESULT " + json.dumps({"stage": args.stage, **fn(args)}), flush=True)

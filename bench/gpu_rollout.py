@@ -97,7 +97,7 @@ def cmd_decode(args) -> dict:
         for k in v.get("top_kernels", [])[:12]:
             print(f"{v['rows']:>4} rows: {k['us_per_call']:8.1f} us  x{k['per_call']:5.0f}  {k['name']}", flush=True)
     st, shape = eng.ready([prompt], group_size=G, max_new_tokens=N, steps=8)
-    with st.autocast():
+    with torch.no_grad(), st.autocast():
         out.update(count_ops(lambda: st.step(shape)))
     if device.type == "cuda":
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()

@@ -73,3 +73,53 @@ def cmd_grpo(args) -> dict:
           f"{len(steps)}: {last['step_s']:.2f} s = {split} (first step {steps[0]['step_s']:.1f} s with graph "
           f"capture); peak {out['peak_gpu_bytes'] / 2**30:.1f} GiB", flush=True)
     return out
+
+
+def cmd_update(args) -> dict:
+    """One update micro-batch at the paper's shape: an 8B-sized random Qwen3-VL (bf16 weights, activation
+    checkpointing), 8 rows of a ~1,000-token image prompt + 4,096 response tokens, forward + backward of the
+    log-probs; today's path (no masks, grouped keys, chunked head) vs the masked path it replaced (whole logits), each
+    where it fits: peak memory, tokens/s and model-FLOPs utilization (6 x text parameters x tokens, plus attention,
+    over the GPU's dense bf16 peak)."""
+    import sys
+
+    from torch.distributed._composable import checkpoint
+    sys.path.insert(0, "tests")
+    from bench.gpu_kit import random_model
+    from bench.update_memory import batch_of, replaced, today
+    device, dtype = setting()
+    net = random_model("small" if args.small else "8b", device, dtype).train()
+    for block in net.decoder_blocks():
+        checkpoint(block)
+    t = net.config.text
+    prompt_len, R = (200, 64) if args.small else (1000, 4096)
+    batch = {k: v.to(device) for k, v in batch_of(net.config, prompt_len, args.rows, [R] * args.rows).items()}
+    tokens = args.rows * R + prompt_len
+    text_params = sum(p.numel() for n, p in net.named_parameters() if not n.startswith("visual."))
+    attention = 12 * t.num_hidden_layers * t.num_attention_heads * t.head_dim * args.rows * R * (prompt_len + R / 2)
+    flops = 6 * text_params * tokens + attention
+    peak_flops = 989e12 if device.type == "cuda" else 1e12  # H100 / H200 dense bf16
+    out = {"rows": args.rows, "prompt": prompt_len, "response": R, "tokens": tokens}
+    for name, fn in (("today", today), ("replaced", replaced)):
+        try:
+            net.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            sync(device)
+            t0 = time.perf_counter()
+            logp, anchor = fn(net, batch, autocast=False)
+            ((logp * batch["response_mask"]).sum() + anchor).backward()
+            sync(device)
+            wall = time.perf_counter() - t0
+            out[name] = {"s": wall, "tokens_per_s": tokens / wall, "mfu": flops / wall / peak_flops,
+                         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else 0}
+        except torch.OutOfMemoryError:
+            out[name] = {"oom": True}
+        net.zero_grad(set_to_none=True)
+    parts = [f"{k}: " + ("out of memory" if v.get("oom") else
+                         f"{v['peak_gpu_bytes'] / 2**30:.1f} GiB, {v['tokens_per_s']:.0f} tok/s, MFU "
+                         f"{100 * v['mfu']:.0f}%") for k, v in out.items() if isinstance(v, dict)]
+    print(f"SUMMARY update micro-batch ({'small' if args.small else '8B'}, bf16, activation checkpointing, "
+          f"{args.rows} x ({prompt_len} + {R}) tokens): " + "; ".join(parts), flush=True)
+    return out

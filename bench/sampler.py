@@ -166,6 +166,40 @@ def decode_step_ops(layers: int, G: int = 8) -> dict:
         return count_ops(lambda: st.step(shape))
 
 
+def compiled_layer_launches(layers: int = 4, G: int = 8) -> dict:
+    """Kernels one compiled decoder layer of the decode step launches on the CPU (--compile_rollout): Inductor's fused
+    C++ kernels plus the calls it leaves to ATen (matrix products, gathers), per layer, from the profiler; beside the
+    eager layer's ATen ops (without views) for comparison."""
+    import dataclasses
+
+    import torch._inductor.config as inductor_config
+    from torch.profiler import ProfilerActivity, profile
+
+    from model.qwen3_vl import Qwen3VL
+    from rollout import engine
+    inductor_config.cpp.enable_kernel_profile = True  # a profiler record per fused kernel
+    cfg = bench_config()
+    cfg.text = dataclasses.replace(cfg.text, num_hidden_layers=layers)
+    net = Qwen3VL(cfg).init_weights(seed=0).eval()
+    st, shape = engine.Engine(net, compile=True).ready([make_prompt(256)], group_size=G, max_new_tokens=16, steps=8)
+    with torch.no_grad():
+        st.step(shape)  # compiles
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            st.step(shape)
+    regions = [(e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.name.startswith("Torch-Compiled Region")]
+    inside = [e for e in prof.events() if any(a <= e.time_range.start and e.time_range.end <= b for a, b in regions)]
+    # Inductor's kernels, and the ATen calls it makes for what it does not generate (matrix products)
+    launches = [e for e in inside if "cpp_fused" in e.name or e.name in ("aten::mm", "aten::bmm", "aten::addmm")]
+    names = {}
+    for c in launches:
+        name = "fused C++ kernel" if "cpp_fused" in c.name else c.name
+        names[name] = names.get(name, 0) + 1
+    eager = decode_step_ops(layers, G)["ops_without_views"]
+    return {"per_layer": len(launches) / layers, "kernels": {k: v / layers for k, v in sorted(names.items())},
+            "eager_ops_per_step": eager}
+
+
 def child(args):
     """One setting, all engines in this process. --measure time: runs interleaved (ours, hf, ours, hf, ...) so that
     load on the machine hits them alike; --measure memory: one run each under the RSS watcher. Prints one JSON
@@ -210,6 +244,8 @@ def main():
     ap.add_argument("--engines", default="ours,hf", help="ours and/or hf")
     ap.add_argument("--ops_layers", type=int, default=28,
                     help="also count the tensor ops of one decode step of a model this deep (0: skip)")
+    ap.add_argument("--compiled_launches", action="store_true",
+                    help="also count the kernels of one compiled decoder layer (compiles a 4-layer model)")
     ap.add_argument("--engine", help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--prompt_len", type=int, help=argparse.SUPPRESS)
@@ -252,6 +288,10 @@ def main():
         ops = decode_step_ops(args.ops_layers, args.G)
         print(f"one decode step of {args.G} rows, {args.ops_layers} decoder layers: {ops['ops_without_views']} "
               f"tensor ops ({ops['ops']} counting views)", flush=True)
+    if args.compiled_launches:
+        c = compiled_layer_launches()
+        print(f"one compiled decoder layer of the step ({args.G} rows): {c['per_layer']:.0f} launches "
+              f"({', '.join(f'{k} x{v:g}' for k, v in c['kernels'].items())})", flush=True)
     print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on "
           f"{os.cpu_count()} CPUs")
     if "hf" in args.engines and "ours" in args.engines:

@@ -47,7 +47,10 @@ class KeyMask:
     """Which keys each query attends: keep (B, 1, Tq, Tk) bool, True = attend. Every layer of a forward shares
     one, and it converts itself to SDPA's additive form once (again only if the dtype changes): given the bool
     mask, SDPA converts it in every layer, and autograd then keeps each layer's float copy for the backward
-    (L copies of a B x T x T mask; one shared copy is kept once; tests/test_prefix.py)."""
+    (L copies of a B x T x T mask; one shared copy is kept once; tests/test_prefix.py). The additive form is a view
+    of storage whose last dimension is rounded up to a multiple of 8: SDPA's masked kernels need that alignment and
+    would otherwise pad (copy) the mask in every layer. The training forward's shared-prefix path needs no mask at all
+    (model/prefix.py); this one serves the per-row forward, the prefill and the tests' oracles."""
 
     def __init__(self, keep: torch.Tensor):
         self.keep = keep
@@ -59,8 +62,9 @@ class KeyMask:
         device = q.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
         if self._additive is None or self._additive.dtype != dtype:
-            self._additive = torch.zeros(self.keep.shape, dtype=dtype, device=self.keep.device).masked_fill_(
-                ~self.keep, float("-inf"))
+            *lead, Tk = self.keep.shape
+            padded = torch.zeros(*lead, -(-Tk // 8) * 8, dtype=dtype, device=self.keep.device)
+            self._additive = padded[..., :Tk].masked_fill_(~self.keep, float("-inf"))
         return self._additive
 
 

@@ -3,89 +3,108 @@ image), so the prompt pass runs on the distinct prompts only and the G response 
 
 Two passes through the model's cache interface (kv_cache.py), with autograd kept:
   1. prompt pass: the U distinct prompts without their last token (left-padded, images encoded once each);
-     PrefixRecorder attends causally and keeps every layer's rotated keys/values;
+     PrefixRecorder attends causally within each prompt's real tokens and keeps every layer's rotated keys/values;
   2. row pass: each of the B rows runs [its prompt's last token | its response but the last token] (R tokens);
-     SharedPrefix lets row b attend to [its prompt's keys/values | its own tokens, causal]. Its R logits predict
-     the R response tokens directly, one lm_head call (no (B, R, V) concatenation, no second logits copy).
-Gradients from the G rows flow back into the one prompt pass and add up, which is what G copies of the prompt
-would have received. Equal to the per-row forward up to float rounding (tests/test_prefix.py): positions come
-from rope_index on the whole prompt (responses continue after its largest M-RoPE position, as in logprobs.collate),
-same masks, same image features. The prompt's last token (text: the chat template's assistant header) is
-computed G times instead of once, which is nothing next to the prompt.
+     SharedPrefix lets row b attend to [its prompt's real keys/values | its own tokens, causal]. The last hidden
+     states predict the R response tokens; logprobs.py turns them into log-probs chunk by chunk through the LM head.
+No dense mask and no repeated keys: a prompt's real tokens are a slice (left padding is cut off), and with right-padded
+responses a real query sees exactly [the prompt | its own earlier tokens], the lower-right causal pattern
+(torch.nn.attention.bias.causal_lower_right), which SDPA computes without materialising it and with grouped keys
+(enable_gqa). Rows must come grouped by prompt (collate_groups orders them so), so each prompt's rows are a slice too.
+Gradients from the G rows flow back into the one prompt pass and add up, which is what G copies of the prompt would
+have received. Equal to the per-row forward up to float rounding (tests/test_prefix.py): positions come from rope_index
+on the whole prompt (responses continue after its largest M-RoPE position, as in logprobs.collate), same image
+features. The prompt's last token (text: the chat template's assistant header) is computed G times instead of once.
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
-
-from .decoder import KeyMask, attention, causal_mask
+from torch.nn.attention.bias import causal_lower_right
 
 
 class PrefixRecorder:
-    """Cache stand-in for the prompt pass: plain causal attention over left-padded prompts, keys/values kept."""
+    """Cache stand-in for the prompt pass: each prompt attends causally within its own real tokens (left padding cut
+    off; a padding position's output is 0, read by nobody), keys/values kept for the row pass."""
 
-    def __init__(self, num_layers: int, batch_size: int, device, attn_impl: str = "sdpa"):
+    def __init__(self, num_layers: int, batch_size: int, device):
         self.k, self.v = [None] * num_layers, [None] * num_layers
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)  # an empty cache
-        self.valid = None  # (U, Tp) real prompt tokens
-        self.attn_impl = attn_impl
-        self._mask = None
+        self.pads = None  # per prompt: left padding positions (host ints)
 
     def append(self, new_mask: torch.Tensor, next_position: torch.Tensor) -> None:
-        self.valid = new_mask.bool()
+        self.pads = (new_mask.shape[1] - new_mask.sum(1)).tolist()
         self.next_position = next_position
-        self._mask = causal_mask(self.valid)
 
     def attend(self, layer_idx: int, q, k, v):
         # keep the first pass's tensors: activation checkpointing re-runs a block in backward, and the recomputed
         # k/v (equal values, a graph of their own) need not be kept alive
         if self.k[layer_idx] is None:
             self.k[layer_idx], self.v[layer_idx] = k, v
-        return attention(q, k, v, self._mask, self.attn_impl)
+        gqa = q.shape[1] != k.shape[1]
+        if not any(self.pads):  # no padding: one causal call for every prompt
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        out = []
+        for u, pad in enumerate(self.pads):
+            o = F.scaled_dot_product_attention(q[u:u + 1, :, pad:], k[u:u + 1, :, pad:], v[u:u + 1, :, pad:],
+                                               is_causal=True, enable_gqa=gqa)
+            out.append(F.pad(o, (0, 0, pad, 0)))
+        return torch.cat(out)
 
 
 class SharedPrefix:
-    """Cache stand-in for the row pass: row b sees its prompt's real tokens, then its own tokens causally (right
-    padding masked). The prompt's keys/values reach the rows by expand when there is one prompt, else by index."""
+    """Cache stand-in for the row pass: the rows of prompt u (a slice of the batch) see that prompt's real keys, then
+    their own tokens causally (lower-right aligned: query i of R sees the n prompt keys and own keys 0..i)."""
 
-    def __init__(self, prefix: PrefixRecorder, row_prompt: torch.Tensor, row_mask: torch.Tensor,
-                 attn_impl: str = "sdpa"):
-        B, T = row_mask.shape
-        dev = row_mask.device
-        self.prefix, self.attn_impl, self.row_prompt = prefix, attn_impl, row_prompt
-        self.single = prefix.valid.shape[0] == 1
-        own = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None] & row_mask.bool()[:, None, :]
-        own = own | torch.eye(T, dtype=torch.bool, device=dev)[None]  # a padding query sees itself: finite
-        pre = prefix.valid[row_prompt][:, None, :].expand(B, T, -1)
-        self._mask = KeyMask(torch.cat([pre, own], dim=-1)[:, None])  # (B, 1, T, Tp - 1 + T)
-        self.next_position = torch.zeros(B, dtype=torch.long, device=dev)
+    def __init__(self, prefix: PrefixRecorder, row_prompt: torch.Tensor):
+        prompts = row_prompt.tolist()
+        if prompts != sorted(prompts):
+            raise ValueError("SharedPrefix needs the rows grouped by prompt (logprobs.collate_groups orders them)")
+        counts = torch.bincount(row_prompt, minlength=len(prefix.pads)).tolist()
+        starts = [sum(counts[:u]) for u in range(len(counts))]
+        self.groups = [(u, starts[u], starts[u] + c) for u, c in enumerate(counts) if c]  # (prompt, row slice)
+        self.prefix = prefix
+        self.next_position = torch.zeros(row_prompt.numel(), dtype=torch.long, device=row_prompt.device)
 
     def append(self, new_mask, next_position) -> None:
-        pass  # positions are given explicitly; the mask was built from the row mask
-
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        return x.expand(self.row_prompt.numel(), -1, -1, -1) if self.single else x[self.row_prompt]
+        pass  # positions are given explicitly; right padding needs no mask (see the class docstring)
 
     def attend(self, layer_idx: int, q, k, v):
-        K = torch.cat([self._rows(self.prefix.k[layer_idx]), k], dim=2)
-        V = torch.cat([self._rows(self.prefix.v[layer_idx]), v], dim=2)
-        return attention(q, K, V, self._mask, self.attn_impl)
+        pk, pv = self.prefix.k[layer_idx], self.prefix.v[layer_idx]  # (U, Hkv, Tp - 1, D)
+        R = q.shape[2]
+        # SDPA with an attention-bias object checks dtypes before autocast would unify them (q and k may come out of
+        # the q/k norm in fp32, v in bf16): cast to what autocast would
+        device = q.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
+        q, k, v, pk, pv = (t.to(dtype) for t in (q, k, v, pk, pv))
+        out = []
+        for u, a, b in self.groups:
+            pad, rows = self.prefix.pads[u], b - a
+            n = pk.shape[2] - pad
+            keys = torch.cat([pk[u:u + 1, :, pad:].expand(rows, -1, -1, -1), k[a:b]], dim=2)  # (rows, Hkv, n + R, D)
+            values = torch.cat([pv[u:u + 1, :, pad:].expand(rows, -1, -1, -1), v[a:b]], dim=2)
+            out.append(F.scaled_dot_product_attention(q[a:b], keys, values, attn_mask=causal_lower_right(R, n + R),
+                                                      enable_gqa=q.shape[1] != k.shape[1]))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
 
-def grouped_logits(net, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, pixel_values, image_grid_thw,
+def grouped_hidden(net, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, pixel_values, image_grid_thw,
                    response_ids: torch.Tensor, response_mask: torch.Tensor, row_prompt: torch.Tensor):
-    """(logits (B, R, V) predicting each of the B rows' R response tokens, anchor): add the 0-valued scalar
-    `anchor` to the loss (see below; it changes no value or gradient).
+    """(last hidden states (B, R, C) that predict each of the B rows' R response tokens through the LM head, anchor):
+    add the 0-valued scalar `anchor` to the loss (see below; it changes no value or gradient).
 
     prompt_ids/prompt_mask (U, Tp): the distinct prompts, left-padded; pixel_values/image_grid_thw: their images
-    (or None); response_ids/response_mask (B, R): right-padded responses; row_prompt (B,): each row's prompt."""
+    (or None); response_ids/response_mask (B, R): right-padded responses; row_prompt (B,): each row's prompt, in
+    non-decreasing order."""
     U, Tp = prompt_ids.shape
     if Tp < 2 or bool((prompt_ids[:, -1] == net.config.image_token_id).any()):
-        raise ValueError("grouped_logits needs prompts of >= 2 tokens that end in text (the chat template's "
+        raise ValueError("grouped_hidden needs prompts of >= 2 tokens that end in text (the chat template's "
                          "assistant header); use the per-row forward (--shared_prefix=false)")
     grid = image_grid_thw if pixel_values is not None else None
     positions, _ = net.rope_index(prompt_ids, grid, prompt_mask.bool())  # (3, U, Tp), the whole prompt
-    prefix = PrefixRecorder(net.config.text.num_hidden_layers, U, prompt_ids.device, net.config.text.attn_impl)
+    prefix = PrefixRecorder(net.config.text.num_hidden_layers, U, prompt_ids.device)
     prompt_out = net(prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1], position_ids=positions[:, :, :-1],
-                     pixel_values=pixel_values, image_grid_thw=image_grid_thw, cache=prefix, logits_to_keep=1)
+                     pixel_values=pixel_values, image_grid_thw=image_grid_thw, cache=prefix, logits_to_keep=1,
+                     return_hidden=True)
     # The prompt pass's output is not needed, only its keys/values. But FSDP2 unshards a block for backward from
     # the gradient of that block's output: the anchor (0 * output, to be added to the loss) keeps every prompt-pass
     # block output in the graph, so no block's parameters are found resharded when the k/v gradients arrive.
@@ -99,12 +118,19 @@ def grouped_logits(net, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, pix
     next_pos = positions.masked_fill(~prompt_mask.bool()[None], -1).amax(dim=(0, 2))[row_prompt] + 1  # (B,)
     pos = torch.cat([last_pos, (next_pos[:, None] + torch.arange(R - 1, device=ids.device))[None].expand(3, B, R - 1)],
                     dim=2)
-    cache = SharedPrefix(prefix, row_prompt, real, net.config.text.attn_impl)
-    return net(ids, attention_mask=real, position_ids=pos, cache=cache), anchor
+    cache = SharedPrefix(prefix, row_prompt)
+    return net(ids, attention_mask=real, position_ids=pos, cache=cache, return_hidden=True), anchor
+
+
+def grouped_logits(net, *args, **batch):
+    """grouped_hidden through the LM head: logits (B, R, V) and the anchor (the tests' and benchmarks' form; the
+    trainer never makes the logits whole, logprobs.head_logprobs)."""
+    h, anchor = grouped_hidden(net, *args, **batch)
+    return net.lm_head(h), anchor
 
 
 class GroupedForward(nn.Module):
-    """`grouped_logits` as one module call, so DDP sees one forward per backward (its reducer is prepared once,
+    """`grouped_hidden` as one module call, so DDP sees one forward per backward (its reducer is prepared once,
     although every parameter is used by both passes)."""
 
     def __init__(self, net: nn.Module):
@@ -112,4 +138,4 @@ class GroupedForward(nn.Module):
         self.net = net
 
     def forward(self, **batch):
-        return grouped_logits(self.net, **batch)
+        return grouped_hidden(self.net, **batch)

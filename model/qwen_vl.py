@@ -87,14 +87,16 @@ class QwenVL(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None, cache=None, logits_to_keep: int = 0,
-                image_mask: torch.Tensor | None = None) -> torch.Tensor:
+                image_mask: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
         """input_ids (B, T); attention_mask (B, T) 1 = real token; position_ids (3, B, T) or None to compute
         them with rope_index (offset by the cache's next_position when decoding); pixel_values/image_grid_thw
         for the images whose <|image_pad|> tokens are in input_ids; cache: a KVCache-like object (see
         kv_cache.py) that this call appends to. image_mask (B, T) bool: which positions take image features
         (default: every <|image_pad|> token; training passes the prompt's only, because a policy can sample
         that token id in its response, where it is plain text as it was when sampled).
-        Returns logits (B, T or logits_to_keep, vocab)."""
+        Returns logits (B, T or logits_to_keep, vocab), or with return_hidden the final hidden states (B, T or
+        logits_to_keep, C) that the LM head would turn into them (the training forward's log-probs never make the
+        whole logits, logprobs.head_logprobs)."""
         real = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                 else attention_mask.to(input_ids.device).bool())
         x = self.language_model.embed_tokens(input_ids)  # (B, T, C)
@@ -130,4 +132,4 @@ class QwenVL(nn.Module):
         h = self.language_model(x, cos, sin, mask, cache, deepstack)  # (B, T, C)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        return self.lm_head(h)
+        return h if return_hidden else self.lm_head(h)

@@ -356,7 +356,8 @@ class Engine:
             live_rows = sched.live_rows()
             for _ in range(n):
                 need = max(g.steps for g in sched.live.values()) + 1
-                length = _bucket(need, lens) if self.buckets else blocks_for(need, BLOCK_SIZE) * BLOCK_SIZE
+                length = _bucket(need, lens) if self.buckets else need if st.kv.reserved else \
+                    blocks_for(need, BLOCK_SIZE) * BLOCK_SIZE  # the paged store attends whole blocks
                 st.run(StepShape(rows, length, G, N, sampling))
                 sched.stepped(1)
                 stats["steps"] += 1

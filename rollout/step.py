@@ -27,7 +27,7 @@ class Sampling(NamedTuple):
 class StepShape(NamedTuple):
     """What one captured step is specialised to: Python values the step's code branches or sizes on."""
     rows: int            # rows the step runs (a multiple of group_size): the first `rows` rows of the state
-    length: int          # response positions it attends (a multiple of the block size, >= every row's length)
+    length: int          # response positions it attends (>= every row's length; paged: a multiple of the block size)
     group_size: int      # G: rows r of group slot r // G share that slot's prompt
     max_new_tokens: int  # a row stops at this many tokens
     sampling: Sampling
@@ -105,10 +105,10 @@ class DecodeState:
         return torch.autocast(dev, dtype=self.amp, cache_enabled=False)
 
     # ---- the step
-    @torch.no_grad()
     def step(self, shape: StepShape) -> None:
         """One token for each of the first shape.rows rows, attending shape.length response positions. Device work
-        only: no .item(), no host copies, no data-dependent Python branches (tests/test_engine.py)."""
+        only: no .item(), no host copies, no data-dependent Python branches (tests/test_engine.py). Call it under
+        torch.no_grad() (run() does)."""
         R, N = shape.rows, shape.max_new_tokens
         tokens, lengths, done = self.tokens[:R], self.lengths[:R], self.done[:R]
         net = self.weights.module

@@ -101,6 +101,8 @@ class Options:
     max_new_tokens: int = 4096
     prompt_len: int = 1024
     micro_batch_size: int = 16
+    micro_batch_tokens: int = 0    # micro-batches packed by tokens (train.py --micro_batch_tokens); 0: micro_batch_size
+    activation_checkpointing: bool = False  # recompute decoder blocks in backward: keep only their inputs
 
 
 def plan(cfg, opt: Options) -> dict:
@@ -109,8 +111,8 @@ def plan(cfg, opt: Options) -> dict:
       weights = 4 N_t / S + b_f N_f / S          (fp32 master weights; bf16 compute comes from autocast)
       gradients = 4 N_t / S  (+ 4 N_t: DDP's gradient buckets, world_size > 1 without FSDP2)
       optimizer = 8 N_t / S                      (AdamW exp_avg + exp_avg_sq, fp32)
-      reference = 2 N  (full fine-tune with KL: parallel.build_reference's bf16 copy, whole on every rank;
-                        LoRA: 0, the policy with its adapters disabled)
+      reference = 2 N / S  (full fine-tune with KL: parallel.build_reference's bf16 copy, sharded like the policy
+                        under FSDP2; LoRA: 0, the policy with its adapters disabled)
       engine copies = engines * 2 * (decoder linear + lm_head weights)   (rollout/weights.py keeps bf16 copies of the
                         linear layers when they are stored fp32; none with a bf16 LoRA base);
                       under FSDP2: engines * 2 N, a whole bf16 copy of the weights at fixed addresses (refreshed
@@ -120,8 +122,14 @@ def plan(cfg, opt: Options) -> dict:
       FSDP2 update = 2 (R + 2 B) + 6 (R_t + B_t)  (bf16 unsharded root R = everything outside the decoder blocks,
                         kept through forward and backward, and two blocks B (one prefetched); their gradients in
                         bf16 and fp32 for the reduce-scatter)
-    held = weights + optimizer + reference + engine copies; peak = held + max(update extras, rollout extras);
-    KV cache and activations get what is left."""
+      activations (the update, bf16): a micro-batch's T positions (micro_batch_tokens; else its rows' responses at
+                        max_new_tokens and its prompts once each, the shared-prefix forward) through L blocks that
+                        each keep ~T (2q + 2kv + 3C + 4F) values for the backward (q, k, v, attention out, norms,
+                        residual, the MLP's gate, up, activation and product); with activation checkpointing only
+                        the L block inputs T C and one block's recompute; plus the LM head's chunked log-probs
+                        (512 positions x V, fp32, three buffers; no whole logits, logprobs.head_logprobs)
+    held = weights + optimizer + reference + engine copies; peak = held + max(update extras, rollout extras), before
+    activations; with them = held + update extras + activations; the KV cache gets what is left during the rollout."""
     n = param_counts(cfg, opt.lora_rank, opt.lora_targets, opt.lora_vision)
     base = n["decoder_blocks"] + n["embed"] + n["lm_head"] + n["final_norm"] + n["vision"]
     total = base + n["adapters"]
@@ -136,7 +144,7 @@ def plan(cfg, opt: Options) -> dict:
     items = {
         "weights": (4 * trainable + BYTES[opt.base_dtype] * frozen) / S,
         "optimizer": 8 * trainable / S,
-        "reference": 2 * base if opt.kl and not opt.lora_rank else 0,
+        "reference": 2 * base / S if opt.kl and not opt.lora_rank else 0,
         "engine_copies": opt.engines * 2 * total if opt.fsdp else
         opt.engines * 2 * (n["decoder_linear"] + cfg.text.vocab_size * cfg.text.hidden_size) if linear_fp32 else 0,
         "gradients": 4 * trainable / S + (4 * trainable if ddp else 0),
@@ -151,20 +159,28 @@ def plan(cfg, opt: Options) -> dict:
         items["fsdp_rollout"] = 2 * max(root, block)
     else:
         items["fsdp_update"] = items["fsdp_rollout"] = 0
+    t = cfg.text
+    C, F, q, kv = t.hidden_size, t.intermediate_size, t.num_attention_heads * t.head_dim, \
+        t.num_key_value_heads * t.head_dim
+    tokens = opt.micro_batch_tokens or \
+        opt.micro_batch_size * opt.max_new_tokens + -(-opt.micro_batch_size // opt.group_size) * opt.prompt_len
+    per_block = tokens * (2 * q + 2 * kv + 3 * C + 4 * F) * 2
+    items["activations"] = (L * tokens * C * 2 + per_block if opt.activation_checkpointing else L * per_block) + \
+        512 * t.vocab_size * 4 * 3
     held = items["weights"] + items["optimizer"] + items["reference"] + items["engine_copies"]
     update = items["gradients"] + items["fsdp_update"]
     peak = held + max(update, items["fsdp_rollout"])
-    t = cfg.text
+    with_activations = held + update + items["activations"]
     kv_token = t.num_hidden_layers * t.num_key_value_heads * t.head_dim * 2 * 2  # k and v, bf16
     # engine.Engine.slot_bytes: the slot (bf16) plus the prompt's prefill cache, in the stored weights' dtype
     slot = kv_token * (opt.prompt_len + opt.group_size * opt.max_new_tokens) + \
         kv_token // 2 * (4 if linear_fp32 and not opt.fsdp else 2) * opt.prompt_len
-    left = opt.gpu_gb * GiB - peak
-    return {**items, "held": held, "peak": peak, "left": left,
+    left = opt.gpu_gb * GiB - max(peak, with_activations)
+    return {**items, "held": held, "peak": peak, "with_activations": with_activations, "left": left,
             "params": {"total": total, "trainable": trainable, "frozen": frozen, **n},
             "kv_per_token": kv_token, "kv_per_group": slot,
             "groups_that_fit": max(0, int((opt.gpu_gb * GiB - held - items["fsdp_rollout"]) // slot)),
-            "logits_per_micro_batch": opt.micro_batch_size * opt.max_new_tokens * t.vocab_size * 2 * 2}
+            "micro_batch_positions": tokens}
 
 
 def describe(opt: Options) -> str:
@@ -193,14 +209,15 @@ def format_plan(name: str, cfg, opt: Options) -> str:
     if opt.fsdp:
         lines += [f"  + FSDP2 unsharded blocks (update)    {g(p['fsdp_update'])}",
                   f"  + FSDP2 unit gathered (rollout copy) {g(p['fsdp_rollout'])}"]
-    lines += [f"  = peak before KV cache / activations {g(p['peak'])}   of {opt.gpu_gb:.0f} GiB: "
+    lines += [f"  = peak before activations            {g(p['peak'])}",
+              f"  + activations of a micro-batch        {g(p['activations'])}   ({p['micro_batch_positions']:,} positions, "
+              + ("checkpointed blocks)" if opt.activation_checkpointing else "no activation checkpointing)"),
+              f"  = peak of the update                 {g(p['with_activations'])}   of {opt.gpu_gb:.0f} GiB: "
               + ("fits" if p["left"] > 0 else "DOES NOT FIT"),
               f"  hints: KV cache {p['kv_per_token'] / 1024:.0f} KiB/token; one group of {opt.group_size} x "
-              f"{opt.max_new_tokens} tokens after a {opt.prompt_len}-token prompt {g(p['kv_per_group']).strip()}, "
-              f"{p['groups_that_fit']} such groups fit in what is left during the rollout",
-              f"         logits of a {opt.micro_batch_size}-row micro-batch x {opt.max_new_tokens} tokens "
-              f"(bf16, with their gradient) {g(p['logits_per_micro_batch']).strip()}; other activations are not "
-              f"planned (--activation_checkpointing cuts them to one block's)"]
+              f"{opt.max_new_tokens} tokens after a {opt.prompt_len}-token prompt {g(p['kv_per_group']).strip()} "
+              f"reserved whole, {p['groups_that_fit']} such groups in what is left during the rollout (the paged store "
+              f"holds rows as their tokens grow: bench/kv_plan.py)"]
     return "\n".join(lines)
 
 
@@ -232,7 +249,7 @@ def readme_table(models=("qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-8b"), gpu_gb: f
             out.append(f"| {name} | {world} | {label} | {n_t / 1e6:,.0f}M | {f(p['weights'])} | {f(p['optimizer'])} | "
                        f"{f(p['reference'])} | {f(p['engine_copies'])} | {f(p['held'])} | "
                        f"{f(p['gradients'] + p['fsdp_update'])} | {f(p['fsdp_rollout'])} | {f(p['peak'])} | "
-                       f"{'yes' if p['left'] > 0 else 'no'} |")
+                       f"{'yes' if p['peak'] < gpu_gb * GiB else 'no'} |")
     return "\n".join(out)
 
 
@@ -252,7 +269,8 @@ def plan_for_config(cfg) -> str:
                   base_dtype="bf16" if lora and cfg.dtype != "fp32" and not cfg.fsdp else "fp32",
                   kl=cfg.kl_coef > 0, engines=1, gpu_gb=gpu_gb, group_size=cfg.group_size,
                   max_new_tokens=cfg.max_new_tokens, prompt_len=cfg.max_prompt_len,
-                  micro_batch_size=cfg.micro_batch_size)
+                  micro_batch_size=cfg.micro_batch_size, micro_batch_tokens=cfg.micro_batch_tokens,
+                  activation_checkpointing=cfg.activation_checkpointing)
     return format_plan(cfg.model, load_model_config(cfg.model), opt)
 
 

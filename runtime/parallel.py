@@ -178,7 +178,9 @@ class Reference:
 
 
 def build_reference(init_path: str, cfg: Config, device, net) -> Reference | None:
-    """None without a KL term (kl_coef 0)."""
+    """None without a KL term (kl_coef 0). A full fine-tune's reference is a second model in bf16 (fp32 on a CPU),
+    under FSDP2 sharded like the policy (each decoder block, then the root; every unit, the root too, freed after its
+    forward): each GPU holds 2 N / world of it, and its forward gathers one block at a time."""
     if cfg.kl_coef <= 0:
         return None
     if uses_lora(cfg):
@@ -187,6 +189,11 @@ def build_reference(init_path: str, cfg: Config, device, net) -> Reference | Non
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.dtype != "fp32" else torch.float32
     ref = vlm.load(init_path, device=device, dtype=dtype)
     ref.requires_grad_(False)
+    if uses_fsdp(cfg):
+        from torch.distributed.fsdp import fully_shard
+        for block in ref.decoder_blocks():
+            fully_shard(block)
+        fully_shard(ref, reshard_after_forward=True)
     return Reference(ref.eval())
 
 

@@ -73,6 +73,16 @@ def test_bytes_by_hand():
     assert (full["weights"], full["gradients"], full["optimizer"], full["reference"]) == (4 * N, 4 * N, 8 * N, 2 * N)
     assert full["engine_copies"] == 2 * linear  # one engine (train.py evaluates with the rollout's) holds copies
     assert full["held"] == 4 * N + 8 * N + 2 * N + 2 * linear and full["peak"] == full["held"] + 4 * N
+    # activations of 16 rows x 4096 + 2 prompts x 1024 positions: 28 blocks keeping T (2q + 2kv + 3C + 4F) bf16 values
+    # each, or with checkpointing their inputs T C and one block's; the head's 512-position fp32 chunks
+    t = cfg.text
+    T, C, F, q, kv = 16 * 4096 + 2 * 1024, 2048, 6144, 16 * 128, 8 * 128
+    block, head = T * (2 * q + 2 * kv + 3 * C + 4 * F) * 2, 512 * t.vocab_size * 4 * 3
+    assert full["activations"] == 28 * block + head and full["with_activations"] == full["peak"] + 28 * block + head
+    ckpt = plan(cfg, Options(activation_checkpointing=True))
+    assert ckpt["activations"] == 28 * T * C * 2 + block + head
+    assert plan(cfg, Options(micro_batch_tokens=8192, activation_checkpointing=True))["activations"] == \
+        28 * 8192 * C * 2 + 8192 * (2 * q + 2 * kv + 3 * C + 4 * F) * 2 + head
     frozen = plan(cfg, Options(freeze_vision=True))
     assert frozen["optimizer"] == 8 * (N - n["vision"]) and frozen["weights"] == 4 * N
     ddp = plan(cfg, Options(world_size=8))
@@ -82,7 +92,7 @@ def test_bytes_by_hand():
     # (everything outside the decoder blocks) the largest
     root = N - n["decoder_blocks"]
     assert (fsdp["weights"], fsdp["optimizer"], fsdp["engine_copies"]) == (4 * N / 8, 8 * N / 8, 2 * N)
-    assert fsdp["fsdp_rollout"] == 2 * root and fsdp["reference"] == 2 * N  # the reference is not sharded today
+    assert fsdp["fsdp_rollout"] == 2 * root and fsdp["reference"] == 2 * N / 8  # sharded like the policy
     lora = plan(cfg, Options(lora_rank=8, base_dtype="bf16"))
     A = param_counts(cfg, 8)["adapters"]
     assert (lora["weights"], lora["optimizer"], lora["reference"], lora["engine_copies"]) == \

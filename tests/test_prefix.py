@@ -10,7 +10,7 @@ import torch
 import sample
 import logprobs
 from config import Config
-from model.prefix import GroupedForward, grouped_logits
+from model.prefix import GroupedForward, grouped_hidden
 from conftest import STOP, build_tiny, make_prompts  # noqa: E402  (the tiny_vlm kit's plain functions)
 
 
@@ -90,7 +90,7 @@ def test_grouped_forward_module_is_the_function():
     batch = logprobs.collate_groups(prompts, ro.prompt_index, ro.response_ids, ro.response_mask, 0, "cpu")
     assert batch["prompt_ids"].shape[0] == len(prompts) and batch["row_prompt"].tolist() == ro.prompt_index.tolist()
     with torch.no_grad():
-        (a, za), (b, zb) = GroupedForward(net)(**batch), grouped_logits(net, **batch)
+        (a, za), (b, zb) = GroupedForward(net)(**batch), grouped_hidden(net, **batch)
         assert torch.equal(a, b) and float(za) == float(zb) == 0.0
 
 
@@ -117,9 +117,10 @@ def test_activation_checkpointing_keeps_grouped_gradients():
 
 @pytest.mark.parametrize("shared,dtype", [(True, "fp32"), (False, "fp32"), (True, "bf16"), (False, "bf16")])
 def test_training_forward_keeps_one_attention_mask_for_all_layers(shared, dtype):
-    """Autograd keeps what the backward needs; the attention mask of a padded batch must be kept once per forward
-    (model/decoder.KeyMask), not once per layer (SDPA's own bool -> float conversion in every layer kept L
-    copies of a B x T x T mask), also under bf16 autocast (where SDPA casts a mask of another dtype per layer)."""
+    """Autograd keeps what the backward needs. The shared-prefix forward keeps no dense mask at all (padding is cut
+    off, the causal pattern is SDPA's own); the per-row forward's mask of a padded batch is kept once per forward
+    (model/decoder.KeyMask), not once per layer (SDPA's own bool -> float conversion in every layer kept L copies
+    of a B x T x T mask), also under bf16 autocast (where SDPA casts a mask of another dtype per layer)."""
     net, proc = build_tiny("qwen3_vl")
     prompts = make_prompts(proc)
     ro = rollouts(net, prompts)
@@ -135,6 +136,52 @@ def test_training_forward_keeps_one_attention_mask_for_all_layers(shared, dtype)
     # the additive masks: floating (B, 1, Tq, Tk) tensors holding -inf
     masks = [t for t in saved if t.dim() == 4 and t.shape[1] == 1 and t.is_floating_point() and bool(t.isinf().any())]
     layers = net.config.text.num_hidden_layers
-    passes = 2 if shared else 1  # the prompt pass and the row pass each have their own mask
-    assert len(masks) == passes * layers  # every layer's SDPA saved one ...
-    assert len({t.untyped_storage().data_ptr() for t in masks}) == passes  # ... and they are the same tensor
+    if shared:
+        assert not masks
+        return
+    assert len(masks) == layers  # every layer's SDPA saved one ...
+    assert len({t.untyped_storage().data_ptr() for t in masks}) == 1  # ... and they are the same tensor
+    assert masks[0].untyped_storage().nbytes() % 16 == 0 and masks[0].stride(-2) % 8 == 0  # aligned rows
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
+def test_grouped_forward_without_masks_equals_the_masked_one(arch):
+    """Today's shared-prefix forward (left padding cut off, lower-right causal attention with grouped keys, no dense
+    mask, no repeated keys) equals the masked one it replaced (tests/oracle.py) in logits and in every gradient."""
+    from logprobs import token_logprobs
+    from oracle import masked_grouped_logits
+    from model.prefix import grouped_logits
+    net, proc = build_tiny(arch)
+    net.train()
+    prompts = make_prompts(proc)
+    ro = rollouts(net, prompts)
+    mask = ro.response_mask
+    batch = logprobs.collate_groups(prompts, ro.prompt_index, ro.response_ids, mask, 0, "cpu")
+    w = torch.linspace(0.5, 1.5, mask.numel()).view_as(mask)
+    out = []
+    for forward in (grouped_logits, masked_grouped_logits):
+        net.zero_grad(set_to_none=True)
+        logits, anchor = forward(net, **batch)
+        ((token_logprobs(logits, ro.response_ids) * mask * w).sum() + anchor).backward()
+        out.append((logits.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = out
+    assert ((a - b).abs() * mask[..., None]).max() <= 1e-5  # padding positions predict nothing: any finite value
+    assert ga.keys() == gb.keys() and len(ga) > 10
+    for name in ga:
+        assert (ga[name] - gb[name]).abs().max() <= 1e-5 * (1 + ga[name].abs().max()), name
+
+
+def test_rows_need_not_come_grouped_by_prompt():
+    """micro_logprobs takes rows in any order (a micro-batch packed by length mixes prompts): the grouped forward
+    sees them ordered by prompt, and the log-probs come back in the order asked."""
+    net, proc = build_tiny("qwen3_vl")
+    prompts = make_prompts(proc)
+    ro = rollouts(net, prompts)
+    cfg = Config(model="x", data="x", prompts_per_step=1, mini_batch_prompts=1, device="cpu", dtype="fp32")
+    rows = [7, 0, 10, 3, 1]
+    with torch.no_grad():
+        mixed = logprobs.micro_logprobs(net, prompts, ro, rows, cfg, torch.device("cpu"), 0)
+        ordered = logprobs.micro_logprobs(net, prompts, ro, sorted(rows), cfg, torch.device("cpu"), 0)
+    back = [sorted(rows).index(r) for r in rows]
+    assert (mixed[0] - ordered[0][back]).abs().max() <= 1e-6
+    assert torch.equal(mixed[2], ordered[2][back])

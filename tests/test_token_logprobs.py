@@ -6,7 +6,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from logprobs import token_entropy, token_logprobs, token_logprobs_reference
+from logprobs import head_logprobs, token_entropy, token_logprobs, token_logprobs_reference
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -138,3 +138,72 @@ def test_token_entropy_equals_naive_values_and_grads(dtype):
     (slow * w).sum().backward()
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(x1.grad.float(), x2.grad.float(), rtol=tol, atol=tol)
+
+
+# ----------------------------------------------------------------------------- from hidden states, through the head
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("temperature,chunk,entropy_grad", [(1.0, 512, False), (0.7, 5, True), (1.3, 1, True)])
+def test_head_logprobs_equal_the_head_then_token_logprobs(autocast, temperature, chunk, entropy_grad):
+    """head_logprobs(h, W) == token_logprobs / token_entropy of lm_head(h) in values and in the gradients of h and W
+    (fp32: to float rounding; under bf16 autocast, where the head's product runs in bf16 on both sides: within the
+    rounding of bf16 gradients), the entropies with a gradient only when asked."""
+    g = torch.Generator().manual_seed(0)
+    B, T, C, V = 3, 7, 24, 300
+    h0, w0 = torch.randn(B, T, C, generator=g), torch.randn(V, C, generator=g) / C ** 0.5
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    wl, we = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    results = []
+    for fused in (True, False):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if fused:
+                logp, ent = head_logprobs(h, w, tokens, temperature, chunk_size=chunk, entropy_grad=entropy_grad)
+            else:
+                logits = torch.nn.functional.linear(h, w)
+                logp = token_logprobs(logits, tokens, temperature)
+                with torch.set_grad_enabled(entropy_grad):
+                    ent = token_entropy(logits, temperature)
+        loss = (logp * wl).sum() + ((ent * we).sum() if entropy_grad else 0.0)
+        loss.backward()
+        assert ent.requires_grad == entropy_grad
+        results.append((logp.detach(), ent.detach(), h.grad, w.grad))
+    tol = 1e-5 if not autocast else 3e-2
+    for a, b in zip(*results):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+def test_head_logprobs_never_hold_the_whole_logits():
+    """Forward and backward from hidden states: a few chunks of fp32 logits alive at a time, never the (B, T, V)
+    logits or their gradient (what the trainer's forward held before: logits, their gradient, a saved copy)."""
+    B, T, C, V, chunk = 4, 256, 32, 16384, 16
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(B, T, C, generator=g, requires_grad=True), torch.randn(V, C, generator=g, requires_grad=True)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    full, chunk_fp32 = B * T * V * 4, chunk * V * 4
+    with PeakTensorBytes() as m:
+        logp, _ = head_logprobs(h, w, tokens, chunk_size=chunk)
+        logp.sum().backward()
+    # the weight's gradient (V x C, fp32) is unavoidable; then a handful of fp32 buffers: forward chunks, and in
+    # backward vocabulary slices of ~4 chunks' size each
+    assert m.peak <= w.nbytes * 2 + 24 * chunk_fp32 + 64 * B * T
+    assert m.peak < full / 3
+
+
+def test_head_logprobs_skip_masked_positions():
+    """With a mask, only real positions go through the head: the same values there (0 elsewhere) and the same
+    gradients as the whole product masked afterwards."""
+    g = torch.Generator().manual_seed(2)
+    B, T, C, V = 3, 6, 16, 200
+    h0, w0 = torch.randn(B, T, C, generator=g), torch.randn(V, C, generator=g) / 4
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    mask = (torch.arange(T)[None] < torch.tensor([6, 2, 4])[:, None]).float()
+    out = []
+    for m in (mask, None):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        logp, ent = head_logprobs(h, w, tokens, 0.9, mask=m, chunk_size=4, entropy_grad=True)
+        ((logp * mask).sum() + (ent * mask).sum()).backward()
+        out.append((logp * mask, ent * mask, h.grad, w.grad))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert (out[0][0][mask == 0] == 0).all()

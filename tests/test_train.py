@@ -166,11 +166,13 @@ DIST_SCRIPT = os.path.join(ROOT, "tests", "dist_grad_check.py")
 @pytest.mark.slow
 @pytest.mark.parametrize("fsdp,extra", [(False, []), (True, []), (False, ["--ppo_epochs=2"]),
                                         (False, ["--dynamic_sampling=true"]), (False, ["--lora_rank=4"]),
-                                        (True, ["--lora_rank=4"])])
+                                        (True, ["--lora_rank=4"]), (False, ["--micro_batch_tokens=150"]),
+                                        (True, ["--micro_batch_tokens=150"])])
 def test_two_processes_match_one_process(tmp_path, fsdp, extra):
     """torchrun --nproc_per_node=2 (gloo): the same global batch gives the same loss and gradient (also with two
-    PPO epochs, with dynamic sampling choosing informative groups across ranks, and with LoRA adapters under DDP and
-    FSDP2, where the reference is the policy with its adapters off)."""
+    PPO epochs, with dynamic sampling choosing informative groups across ranks, with LoRA adapters under DDP and
+    FSDP2, where the reference is the policy with its adapters off, with micro-batches packed by tokens; under FSDP2
+    the reference is sharded like the policy, and the KL term equal)."""
     outs = {}
     for n in (1, 2):
         out = str(tmp_path / f"p{n}")

@@ -52,9 +52,9 @@ def test_entropy_is_at_the_sampling_temperature(tmp_path, monkeypatch):
     """The entropy stat (and bonus) is of softmax(logits / temperature): the sampled distribution's."""
     import logprobs
     seen = []
-    real = logprobs.token_entropy
-    monkeypatch.setattr(logprobs, "token_entropy", lambda logits, temperature: seen.append(temperature) or
-                        real(logits, temperature))
+    real = logprobs.head_logprobs
+    monkeypatch.setattr(logprobs, "head_logprobs", lambda h, w, tokens, temperature, *a, **kw:
+                        seen.append(temperature) or real(h, w, tokens, temperature, *a, **kw))
     train.main(QUICK + [f"--out_dir={tmp_path}", "--max_steps=1", "--temperature=0.7"])
     assert seen and set(seen) == {0.7}
 
