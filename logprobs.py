@@ -343,7 +343,7 @@ def padded_positions(micro: list[list[int]], ro) -> tuple[float, float]:
     right-padded to its longest response."""
     lengths = ro.response_mask.sum(1)
     computed = sum(len(mb) * max(1, int(lengths[mb].max())) for mb in micro)
-    return float(computed), float(lengths.sum())
+    return float(computed), float(sum(lengths[mb].sum() for mb in micro))
 
 
 @torch.no_grad()

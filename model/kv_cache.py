@@ -15,7 +15,7 @@ The cache interface (what `Qwen3VL.forward(..., cache=c)` calls, in this order, 
         of q over every real token held so far (causal: a new token sees earlier slots and itself).
 
 Any object with these members works without the model knowing: the training forward's shared-prefix caches
-(prefix.py) and the rollout engine's static slots (rollout/kv_slots.py, whose step calls the decoder directly and so
+(prefix.py) and the rollout engine's key/value stores (rollout/kv_pages.py, whose step calls the decoder layers and so
 needs `attend` alone). The model never reads k/v storage directly. This KVCache is the plain one: the engine's
 prefill and the tests' reference decoding use it.
 """

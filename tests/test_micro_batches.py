@@ -58,7 +58,10 @@ def test_packing_by_tokens_keeps_the_gradient_and_cuts_the_padding():
     for name in g_fixed:
         assert (g_fixed[name] - g_packed[name]).abs().max() <= 1e-6 * (1 + g_fixed[name].abs().max()), name
     computed_fixed, real = logprobs.padded_positions(micro_fixed, ro)
-    computed_packed, _ = logprobs.padded_positions(micro_packed, ro)
+    computed_packed, real_packed = logprobs.padded_positions(micro_packed, ro)
+    assert real == real_packed == float(ro.response_mask.sum()) and computed_packed >= real
+    half, _ = logprobs.padded_positions(micro_fixed[:2], ro)  # a part of the rows: its own real tokens only
+    assert half >= logprobs.padded_positions(micro_fixed[:2], ro)[1]
     assert (computed_fixed - real) >= 2 * (computed_packed - real)  # >= 2x fewer padded positions
     for mb in micro_packed:  # each micro-batch within the budget, unless a row alone exceeds it
         longest = max(prompts[int(ro.prompt_index[r])]["input_ids"].numel() for r in mb) + \

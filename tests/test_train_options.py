@@ -33,7 +33,7 @@ def metrics(out_dir):
     ["--ratio_level=sequence", "--loss_agg=seq-mean-token-mean", "--clip_low=3e-4", "--clip_high=4e-4"],
     ["--tis_cap=2", "--old_logprobs=recompute"], ["--adv_estimator=rloo", "--adv_scale=none"], ["--adv_scale=batch"],
     ["--loss_agg=token-mean-micro"], ["--drop_last=false"], ["--dtype=bf16"],
-    ["--lora_rank=4", "--lora_targets=q,v,down"], ["--freeze_vision=true"],
+    ["--lora_rank=4", "--lora_targets=q,v,down"], ["--freeze_vision=true"], ["--micro_batch_tokens=200"],
 ], ids=lambda f: " ".join(f))
 def test_each_option_runs_to_finite_metrics(tmp_path, flags):
     out = str(tmp_path / "run")
@@ -45,6 +45,7 @@ def test_each_option_runs_to_finite_metrics(tmp_path, flags):
         for k in keys:  # (with mask_truncated a step whose responses were all cut has no update)
             assert r[k] == r[k] and abs(r[k]) < 1e6, (k, r)
         assert r["skipped_updates"] == 0 and (r["updates"] >= 1 or "--mask_truncated=true" in flags)
+        assert 0.0 <= r["padding"] < 1.0 and r["capture_s"] == 0.0 and r["preemptions"] == 0
     assert os.path.isfile(os.path.join(out, "final", "config.json"))  # a complete model at the end, LoRA merged
 
 
