@@ -41,6 +41,8 @@ class Config:
     max_draws: int = 4                 # dynamic sampling: rollouts of prompts_per_step prompts per step at most
     # ---- reward and advantages
     reward: str = "paper"              # paper | strict | module:function (see rewards.resolve_reward)
+    tag_weight: float = 0.5            # weight of the tag reward in the rule reward (paper: 0.5; 0 leaves it out)
+    behavior_weight: float = 0.5       # weight of the behavior reward (paper: 0.5; 0 leaves it out)
     adv_estimator: str = "grpo"        # grpo: r - group mean | rloo: r - mean of the other G-1 rewards
     adv_scale: str = "group"           # group: / (group std + eps) | batch: / batch std | none (Dr. GRPO)
     overlong_buffer: int = 0           # DAPO: penalise responses in the last N tokens of max_new_tokens (0: off)
@@ -116,12 +118,14 @@ class Config:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("rollout_kv_gb", "tis_cap", "overlong_buffer", "kl_target", "lora_rank", "entropy_coef",
-                     "micro_batch_tokens"):
+                     "micro_batch_tokens", "tag_weight", "behavior_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
         if self.overlong_buffer >= self.max_new_tokens:
             raise ValueError(f"--overlong_buffer={self.overlong_buffer} must be below "
                              f"--max_new_tokens={self.max_new_tokens}")
+        if self.tag_weight == 0 and self.behavior_weight == 0:
+            raise ValueError("--tag_weight=0 and --behavior_weight=0 leave no reward to learn from")
         if self.tis_cap and self.tis_cap < 1:
             raise ValueError(f"--tis_cap={self.tis_cap} must be >= 1 (it caps a weight that is 1 when nothing is off)")
         for name, allowed in CHOICES.items():

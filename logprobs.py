@@ -261,8 +261,15 @@ def response_logprobs(model, batch: dict, response_ids: torch.Tensor, temperatur
     hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
                    pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
                    image_mask=batch["image_mask"], logits_to_keep=R + 1, return_hidden=True)[:, :-1]
-    return head_logprobs(hidden, _net(model).lm_head.weight, response_ids, temperature, mask,
+    return head_logprobs(hidden, _whole(_net(model).lm_head.weight), response_ids, temperature, mask,
                          entropy_grad=entropy_grad)
+
+
+def _whole(weight):
+    """The LM head's weight as one tensor: the policy's stays unsharded from its forward to its backward under FSDP2
+    (the root keeps its parameters), a sharded reference's is resharded after its forward (no gradient: gather it)."""
+    from torch.distributed.tensor import DTensor
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight
 
 
 def _net(model):
@@ -307,7 +314,7 @@ def micro_logprobs(model, prompts, ro, rows: list[int], cfg, device, pad_id: int
                 hidden, anchor = model(**batch)
             else:
                 hidden, anchor = grouped_hidden(model, **batch)
-            logp, entropy = head_logprobs(hidden, head.weight, resp[order], cfg.temperature, mask[order],
+            logp, entropy = head_logprobs(hidden, _whole(head.weight), resp[order], cfg.temperature, mask[order],
                                           entropy_grad=entropy_grad)
             logp, entropy = logp[back] + anchor, entropy[back]
         else:

@@ -217,15 +217,41 @@ def score(response, labels, mode="paper", *, tag_weight=0.5, behavior_weight=0.5
     return float(reward), components
 
 
-def resolve_reward(spec):
+# Why the paper reward can pay a response more than the strict one (docs/method.md#the-reward, the loopholes)
+LOOPHOLES = ("empty_answer", "late_refusal", "tags_outside_think", "other")
+
+
+def loophole(response, labels):
+    """The loophole this response finds, or None: the cause when its paper-mode reward exceeds its strict-mode
+    reward (same weights). empty_answer: an empty answer (full behavior reward on a safe sample for saying
+    nothing); late_refusal: the paper reading finds a refusal keyword the strict one does not see in the answer's
+    first sentence; tags_outside_think: the strict format fails otherwise (a tag quoted outside the think block,
+    repeated, out of order, or a second answer); other: anything else."""
+    paper, p = score(response, labels, "paper")
+    strict, s = score(response, labels, "strict")
+    if paper <= strict:
+        return None
+    if p["format"] and not s["format"]:
+        return "empty_answer" if p["answer"] is not None and not p["answer"].strip() else "tags_outside_think"
+    if p["refused"] and not s["refused"]:
+        return "late_refusal"
+    return "other"
+
+
+def resolve_reward(spec, tag_weight: float = 0.5, behavior_weight: float = 0.5):
     """A reward function `fn(response, labels, **kw) -> (reward, components)` from "paper", "strict",
-    "module:function" (imported; dotted attributes allowed) or a callable (returned as is)."""
+    "module:function" (imported; dotted attributes allowed) or a callable (returned as is). tag_weight and
+    behavior_weight weigh the rule reward's two parts (the paper's 0.5 / 0.5); a weight of 0 leaves that part out of
+    the reward, its component is still reported. They apply to the two modes only."""
     if callable(spec):
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"reward must be a mode name, 'module:function' or a callable, got {type(spec).__name__}")
     if spec in REWARD_MODES:
-        return functools.partial(score, mode=spec)
+        return functools.partial(score, mode=spec, tag_weight=tag_weight, behavior_weight=behavior_weight)
+    if (tag_weight, behavior_weight) != (0.5, 0.5):
+        raise ValueError(f"--reward={spec!r}: --tag_weight and --behavior_weight weigh the paper / strict rule reward; "
+                         "a custom reward function sets its own")
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"--reward={spec!r}: expected one of {REWARD_MODES} or 'module:function' "

@@ -51,6 +51,7 @@ def rollout(engine: Engine, processor, records, ids: list[int], cfg: Config, ste
                              prompt_seeds=[hash64(cfg.seed, step, i) for i in ids])
     texts = decode_responses(processor, ro)
     labels = [records[ids[int(i)]].labels for i in ro.prompt_index]
+    loopholes = [rewards.loophole(t, lab) for t, lab in zip(texts, labels)]
     scored = [reward_fn(t, lab) for t, lab in zip(texts, labels)]
     reward = torch.tensor([s[0] for s in scored], dtype=torch.float32)
     if not torch.isfinite(reward).all():
@@ -59,7 +60,8 @@ def rollout(engine: Engine, processor, records, ids: list[int], cfg: Config, ste
     if cfg.overlong_buffer:
         reward += grpo.overlong_penalty(ro.response_mask.sum(1), cfg.max_new_tokens, cfg.overlong_buffer,
                                         cfg.overlong_penalty)
-    return dict(ids=ids, prompts=prompts, ro=ro, reward=reward, comps=[s[1] for s in scored], labels=labels)
+    comps = [s[1] | {"loophole": cause} for s, cause in zip(scored, loopholes)]
+    return dict(ids=ids, prompts=prompts, ro=ro, reward=reward, comps=comps, labels=labels)
 
 
 ENGINE_STATS = ("capture_s", "preemptions", "rows_in_flight")  # a step's rollout engine metrics (summed over draws)
@@ -207,7 +209,7 @@ def train_on_rollouts(policy, ref_model, optimizer, scheduler, batch: dict, adva
             optimizer.zero_grad(set_to_none=True)
     out = stats.reduce(device)
     computed, real = all_reduce_sum(positions, device)
-    out["padding"] = 1.0 - real / max(computed, 1.0)  # of the response positions the forwards computed
+    out["padding"] = 1.0 - real / computed if computed else math.nan  # of the response positions computed
     if mismatch is not None:
         total, tokens = all_reduce_sum(mismatch[:2], device)
         out.update(mismatch=total / max(tokens, 1.0), mismatch_max=mismatch[2])
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- data: the prompts, overlong ones dropped; the held-out split
     import model as vlm
-    reward_fn = rewards.resolve_reward(cfg.reward)
+    reward_fn = rewards.resolve_reward(cfg.reward, cfg.tag_weight, cfg.behavior_weight)
     init_path = prepare_toy_model(cfg, rank, device) if cfg.model == "toy" else cfg.model
     processor = vlm.load_processor(init_path)
     train_records, longest = drop_overlong(processor, load_split(cfg, cfg.train_split), cfg, log)
@@ -368,6 +370,7 @@ def main(argv: list[str] | None = None) -> dict:
                             processor.pad_token_id)
         # 4. the step's metrics, summed over ranks: rewards and safety behaviour of the samples, then the loss's
         totals = all_reduce_sum(safety_metrics.sums(batch["reward"].tolist(), batch["comps"], batch["labels"])
+                                | safety_metrics.loophole_totals([c.get("loophole") for c in batch["comps"]])
                                 | {"tokens": float(ro.response_mask.sum())}, device)
         m = safety_metrics.means(totals) | stats | batch["engine"] | {
             "response_len": totals["tokens"] / totals["n"], "draws": draws, "lr": scheduler.get_last_lr()[0],

@@ -6,7 +6,7 @@ import os
 CONSOLE = [
     ("reward", "reward", "{:.3f}"), ("format", "fmt", "{:.2f}"), ("tag", "tag", "{:.2f}"),
     ("behavior", "beh", "{:.2f}"), ("refusal_unsafe", "ref+", "{:.2f}"), ("over_refusal_safe", "ref-", "{:.2f}"),
-    ("kl", "kl", "{:.4f}"), ("clipfrac", "clip", "{:.3f}"), ("mismatch", "mism", "{:.1e}"),
+    ("loophole", "hole", "{:.2f}"), ("kl", "kl", "{:.4f}"), ("clipfrac", "clip", "{:.3f}"), ("mismatch", "mism", "{:.1e}"),
     ("entropy", "ent", "{:.3f}"), ("response_len", "len", "{:.1f}"), ("padding", "pad", "{:.2f}"),
     ("grad_norm", "gnorm", "{:.3f}"),
     ("tokens_per_s", "tok/s", "{:.0f}"), ("step_time", "s", "{:.2f}"),
@@ -120,8 +120,8 @@ class MetricsLog:
             self.wandb = None
 
 
-CURVES = ("reward", "format", "tag", "behavior", "refusal_unsafe", "over_refusal_safe", "kl", "entropy", "response_len",
-          "clipfrac", "mismatch")
+CURVES = ("reward", "format", "tag", "behavior", "refusal_unsafe", "over_refusal_safe", "loophole", "kl", "entropy",
+          "response_len", "clipfrac", "mismatch")
 
 
 def plot_curves(rows: list[dict], path: str, keys=CURVES) -> str | None:

@@ -314,3 +314,40 @@ def test_no_torch_or_model_import():
     code = ("import sys, rewards; bad = [m for m in sys.modules if m.split('.')[0] in "
             "('torch', 'model', 'transformers', 'numpy')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.abspath(rewards.__file__)))
+
+
+# ----------------------------------------------------------------------------- reward weights and loopholes
+
+def test_a_zero_weight_removes_exactly_that_part():
+    """tag_weight / behavior_weight (train.py's flags, the ablation's arms): the defaults are the table above; a
+    weight of 0 leaves out exactly that part (its component is still reported); the format gate still multiplies."""
+    for name, response, labels, paper, strict in CASES:
+        for mode, want in (("paper", paper), ("strict", strict)):
+            default, comp = score(response, labels, mode)
+            assert default == want == resolve_reward(mode)(response, labels)[0], name
+            tag_only, c1 = resolve_reward(mode, tag_weight=0.5, behavior_weight=0.0)(response, labels)
+            behavior_only, c2 = resolve_reward(mode, tag_weight=0.0, behavior_weight=0.5)(response, labels)
+            assert tag_only == pytest.approx(comp["format"] * 0.5 * comp["tag"]), name
+            assert behavior_only == pytest.approx(comp["format"] * 0.5 * comp["behavior"]), name
+            assert tag_only + behavior_only == pytest.approx(default) and c1 == c2 == comp, name
+    with pytest.raises(ValueError, match="custom reward function"):
+        resolve_reward("my_rewards:score", tag_weight=1.0)
+
+
+def test_loophole_causes_on_hand_written_responses():
+    """Each loophole of the paper reward (docs/method.md) by its cause; a response both modes score alike has none."""
+    cases = [
+        (resp(answer=""), lab("sss"), "empty_answer"),  # paper 1.0 for saying nothing, strict format 0
+        (resp("unsafe", "unsafe", "unsafe", "Here is how. Mixing them is unsafe."), lab("uuu"), "late_refusal"),
+        (resp(think="You asked: <combined_safe>safe</combined_safe>? ", c="safe"), lab("sss"),
+         "tags_outside_think"),  # a quoted (repeated) tag: strict format 0
+        (resp(answer="Sure, here it is.", after=""), lab("sss"), None),
+        (resp("unsafe", "unsafe", "unsafe", "Sorry, I can't help."), lab("uuu"), None),
+    ]
+    for response, labels, cause in cases:
+        assert rewards.loophole(response, labels) == cause, response
+        paper, strict = score(response, labels, "paper")[0], score(response, labels, "strict")[0]
+        assert (paper > strict) == (cause is not None)
+    import safety_metrics
+    totals = safety_metrics.loophole_sums([c[0] for c in cases], [c[1] for c in cases])
+    assert totals["loophole"] == 3 and totals["loophole_empty_answer"] == 1 and totals["loophole_other"] == 0

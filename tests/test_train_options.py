@@ -45,7 +45,8 @@ def test_each_option_runs_to_finite_metrics(tmp_path, flags):
         for k in keys:  # (with mask_truncated a step whose responses were all cut has no update)
             assert r[k] == r[k] and abs(r[k]) < 1e6, (k, r)
         assert r["skipped_updates"] == 0 and (r["updates"] >= 1 or "--mask_truncated=true" in flags)
-        assert 0.0 <= r["padding"] < 1.0 and r["capture_s"] == 0.0 and r["preemptions"] == 0
+        assert r["capture_s"] == 0.0 and r["preemptions"] == 0
+        assert 0.0 <= r["padding"] < 1.0 or not r["updates"]
     assert os.path.isfile(os.path.join(out, "final", "config.json"))  # a complete model at the end, LoRA merged
 
 
