@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from runtime.logs import save_figure
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARMS = {  # name -> train.py flags
     "tag+behavior (paper)": [],
@@ -106,12 +108,7 @@ def curves(out: str, seeds: list[int], path: str) -> str | None:
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -145,6 +145,12 @@ def plot_curves(rows: list[dict], path: str, keys=CURVES) -> str | None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> str:
+    """A matplotlib figure as PNG, atomically (written beside, then renamed), and closed."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=90)
