@@ -1,6 +1,8 @@
-"""The paper's ablation on the toy world: the rule reward with both parts (the paper's), the tag reward only, the
-behavior reward only, and the strict reward (the loopholes closed), each over several seeds; a markdown table of the
-held-out metrics (mean and range over seeds) and one PNG of the arms' training curves.
+"""The paper's ablation on the toy world, one command: tag + behavior, tag only, behavior only, strict reward.
+
+The arms are the rule reward with both parts (the paper's), the tag reward only, the behavior reward only, and the
+strict reward (the loopholes closed), each over several seeds; a markdown table of the held-out metrics (mean and
+range over seeds) and one PNG of the arms' training curves.
 
     python -m eval.ablation --seeds 0,1,2 --jobs 2 --out runs/ablation
     python -m eval.ablation --seeds 0 --out runs/ablation_quick -- --max_steps=20   # train.py flags after --
