@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+from runtime.files import read_jsonl, write_atomic
 from runtime.logs import save_figure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,8 +101,7 @@ def curves(out: str, seeds: list[int], path: str) -> str | None:
     for arm in ARMS:
         rows = []
         for s in seeds:
-            with open(os.path.join(run_dir(out, arm, s), "metrics.jsonl")) as f:
-                rows.append([json.loads(line) for line in f if '"reward"' in line])
+            rows.append([r for r in read_jsonl(os.path.join(run_dir(out, arm, s), "metrics.jsonl")) if "reward" in r])
         steps = min(len(r) for r in rows)
         for ax, (key, title) in zip(axes, keys):
             ys = [sum(r[i].get(key, math.nan) for r in rows) / len(rows) for i in range(steps)]
@@ -143,9 +143,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     md = table(args.out, seeds)
-    with open(os.path.join(args.out, "ablation.md"), "w") as f:
-        f.write(f"Held-out greedy metrics after training, mean (min-max) over seeds {seeds}; "
-                f"{(time.time() - t0) / 60:.1f} min for {len(todo)} runs.\n\n{md}\n")
+    write_atomic(os.path.join(args.out, "ablation.md"),
+                 (f"Held-out greedy metrics after training, mean (min-max) over seeds {seeds}; "
+                  f"{(time.time() - t0) / 60:.1f} min for {len(todo)} runs.\n\n{md}\n").encode())
     png = curves(args.out, seeds, os.path.join(args.out, "ablation.png"))
     print(md)
     print(f"wrote {os.path.join(args.out, 'ablation.md')} and {png}", flush=True)
