@@ -35,6 +35,10 @@ class Config:
     rollout_kv_gb: float = 0.0         # KV-cache budget of the rollout engine per GPU: paged, rows take blocks as they
                                        # grow, prompts wait for free blocks (0: a third of the free GPU memory less
                                        # optimizer state; on CPU no limit, every row's tokens reserved)
+    free_rollout_memory: str = "auto"  # give the engine's KV store, weight copies and CUDA graphs back before each
+                                       # update (verl frees vLLM's the same way), rebuilt and recaptured at the next
+                                       # rollout: auto (on under FSDP2, whose engine holds a whole bf16 copy of the
+                                       # model) | true | false
     compile_rollout: str = "auto"      # torch.compile each decoder layer of the decode step (once for all layers and
                                        # shapes; CUDA graphs capture it): auto (on for CUDA) | true | false
     dynamic_sampling: bool = False     # DAPO: keep groups whose rewards differ, drawing more prompts to fill the step
@@ -154,8 +158,15 @@ CHOICES = {
     "dtype": ("auto", "fp32", "bf16"),
     "device": ("auto", "cpu", "cuda"),
     "compile_rollout": ("auto", "true", "false"),
+    "free_rollout_memory": ("auto", "true", "false"),
 }
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def frees_rollout_memory(choice: str, fsdp: bool) -> bool:
+    """--free_rollout_memory resolved (train.py and the memory planner): auto is on under FSDP2, where the engine's
+    whole bf16 copy of the model would otherwise sit through every update."""
+    return choice == "true" or choice == "auto" and fsdp
 
 # The toy world trains a ~1M-parameter VLM on CPU in minutes: far higher lr, small batches, short responses. The
 # policy first learns to refuse every compositional question, then to tell them apart by the picture. Plain GRPO at

@@ -17,7 +17,7 @@ from runtime import memory_plan
 import rewards
 import safety_metrics
 from runtime import checkpoints
-from config import Config, help_text, parse_config
+from config import Config, frees_rollout_memory, help_text, parse_config
 from data.stream import drop_overlong, encode, epoch_length, load_split, prompt_lengths, stream_ids
 from data.warmstart import prepare_toy_model
 from rollout.randomness import hash64
@@ -329,8 +329,10 @@ def main(argv: list[str] | None = None) -> dict:
                              resume_step=start_step)
 
     # ---- one rollout engine for G samples and for greedy evaluation: its key/value store, weight copies and CUDA
-    # graphs (under FSDP2 a whole copy of the weights, refreshed in place) live through the run
+    # graphs (under FSDP2 a whole copy of the weights, refreshed in place) live through the run, or with
+    # --free_rollout_memory through rollouts and evaluations only (given back before each update)
     compile_rollout = cfg.compile_rollout == "true" or cfg.compile_rollout == "auto" and device.type == "cuda"
+    free_rollout = frees_rollout_memory(cfg.free_rollout_memory, fsdp)
     engine = Engine(net, kv_budget_bytes=rollout_kv_budget(cfg, net, device), max_prompt_len=longest,
                     compile=compile_rollout)
 
@@ -365,6 +367,8 @@ def main(argv: list[str] | None = None) -> dict:
             log(f"rollout: the decode step's decoder layer compiled in {engine.compile_s:.1f} s (once for every "
                 f"layer and shape)", flush=True)
         ro, t_rollout = batch["ro"], time.time() - t0
+        if free_rollout:  # the update's activations get the engine's memory; the next rollout rebuilds it
+            engine.release()
         # 2-3. old log-probs, advantages, then mu epochs of clipped-loss updates
         stats = grpo_update(wrapped, ref_model, optimizer, scheduler, kl_ctl, batch, cfg, device, rank, world,
                             processor.pad_token_id)

@@ -6,6 +6,7 @@ model that a CPU runs (2 decoder layers of width 2048).
 
     python bench/update_memory.py                      # responses 300-2048 tokens, bf16 autocast
     python bench/update_memory.py --max_response 1024 --dtype fp32
+    python bench/update_memory.py --activation_checkpointing   # both paths recompute each decoder block in backward
 
 replaced: the masked forward (tests/oracle.py masked_grouped_logits: dense masks, keys repeated to every query head,
           the whole (rows, R, V) logits kept for the backward) and the chunked log-probs of those logits
@@ -109,12 +110,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--head_dim", type=int, default=64, help="32 query heads at width 2048, 8 key-value heads")
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="bf16: autocast over fp32 weights")
+    ap.add_argument("--activation_checkpointing", action="store_true",
+                    help="wrap every decoder block in activation checkpointing (train.py's flag; the paper's stack "
+                         "trains with it): the blocks' saved activations, common to both paths, go")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     import model as vlm
     cfg = narrow_config(args.vocab, args.layers, args.width, args.head_dim)
     net = vlm.Qwen3VL(cfg).init_weights(std=0.02, seed=0).train()
+    if args.activation_checkpointing:
+        from torch.distributed._composable import checkpoint
+        for block in net.decoder_blocks():
+            checkpoint(block)
     step = (args.max_response - args.min_response) / max(1, args.rows - 1)
     lengths = [round(args.min_response + i * step) for i in range(args.rows)]
     batch = batch_of(cfg, args.prompt_len, args.rows, lengths)
@@ -123,7 +131,8 @@ def main(argv=None) -> dict:
     print(f"{args.layers} layers of width {args.width} ({cfg.text.num_attention_heads} / "
           f"{cfg.text.num_key_value_heads} heads of {args.head_dim}), vocabulary {args.vocab}, {params / 1e6:.0f}M "
           f"parameters (fp32{', bf16 autocast' if autocast else ''}); a {args.prompt_len}-token prompt with an image, "
-          f"{args.rows} rows of {args.min_response}-{args.max_response} response tokens; {args.threads} threads",
+          f"{args.rows} rows of {args.min_response}-{args.max_response} response tokens; "
+          f"{'activation checkpointing; ' if args.activation_checkpointing else ''}{args.threads} threads",
           flush=True)
     results = {"today": measure(today, net, batch, autocast), "replaced": measure(replaced, net, batch, autocast)}
     worst = max(float((results["today"]["grads"][n] - g).abs().max() / (1 + g.abs().max()))

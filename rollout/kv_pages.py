@@ -11,7 +11,9 @@ PagedKV: a pool of fixed-size blocks (pages) and tables that say which blocks ho
   gathers the blocks it attends into contiguous keys/values, layer by layer: the price of paging in plain PyTorch
   (every attended key is copied once per step; bench/README.md has the numbers).
 ReservedKV: every group slot holds its prompt (up to the prompt capacity) and every row its max_new_tokens, whether
-  they are used or not: the attention reads them in place, no copy. With nothing to save (no budget) it is the
+  they are used or not: the attention reads them in place, no copy. A call's responses are ordered (group slot, kv
+  head, member of the group), as the prompt's scores are, so the softmax's output is read by both value products as
+  it is (one kernel fewer per compiled layer than rows first). With nothing to save (no budget) it is the
   faster store; under a budget it holds ~3-4x fewer rows (bench/kv_plan.py).
 
 Both keep prefix_bias (group slots, prompt capacity): 0 on a prompt's real tokens, -inf past its end. The attention
@@ -185,8 +187,8 @@ class ReservedKV:
 
     @property
     def num_blocks(self) -> int:
-        return 1 + (self.sk.shape[1] * (self.sk.shape[3] - self.block_size) + self.pk.shape[1] * self.pk.shape[3]) \
-            // self.block_size
+        rows, N = self.sk.shape[1] // self.shape[1], self.sk.shape[2]
+        return 1 + (rows * (N - self.block_size) + self.pk.shape[1] * self.pk.shape[3]) // self.block_size
 
     def resize(self, group_slots: int, rows: int, prompt_len: int, max_new_tokens: int) -> None:
         L, Hkv, D = self.shape
@@ -196,7 +198,9 @@ class ReservedKV:
         N += self.block_size
         self.pk = torch.zeros(L, group_slots, Hkv, Tp, D, dtype=self.dtype, device=self.device)  # a prompt per slot
         self.pv = torch.zeros_like(self.pk)
-        self.sk = torch.zeros(L, rows, Hkv, N, D, dtype=self.dtype, device=self.device)  # each row's response
+        # each row's response per key/value head, ordered (group slot, head, member of the group) for a call's
+        # group size G: the order of the prompt's scores, so one softmax's output feeds both value products uncopied
+        self.sk = torch.zeros(L, rows * Hkv, N, D, dtype=self.dtype, device=self.device)
         self.sv = torch.zeros_like(self.sk)
         self.prefix_bias = torch.zeros(group_slots, Tp, dtype=torch.float32, device=self.device)
 
@@ -221,8 +225,9 @@ class ReservedKV:
         self.pk[:, dst], self.pv[:, dst] = self.pk[:, src], self.pv[:, src]
         self.prefix_bias[dst] = self.prefix_bias[src]
         self.prefix_bias[src] = 0.0
-        self.sk[:, rows_dst, :, :used], self.sv[:, rows_dst, :, :used] = (self.sk[:, rows_src, :, :used],
-                                                                          self.sv[:, rows_src, :, :used])
+        n = (rows_src.stop - rows_src.start) * self.shape[1]  # the group's G rows x Hkv heads, side by side
+        a, b = slice(src * n, (src + 1) * n), slice(dst * n, (dst + 1) * n)
+        self.sk[:, b, :used], self.sv[:, b, :used] = self.sk[:, a, :used], self.sv[:, a, :used]
 
     def attention(self, rows: int, group_size: int, length: int, lengths: torch.Tensor) -> "ReservedAttention":
         return ReservedAttention(self, rows, group_size, length, lengths)
@@ -233,28 +238,29 @@ class ReservedKV:
 
 class ReservedAttention:
     def __init__(self, kv: ReservedKV, rows: int, group_size: int, length: int, lengths: torch.Tensor):
-        Hkv = kv.shape[1]
-        # (row, kv head) pairs of the flattened (R*Hkv, Ls, D) responses, and the position of the token fed now
-        self.row_head_at = torch.arange(rows * Hkv, device=lengths.device)
+        Hkv, G = kv.shape[1], group_size
+        # where (row r, kv head h), in that order, sits in the (P*Hkv*G, Ls, D) responses (row r is member r % G of
+        # group slot r // G), and the position of the token fed now
+        r, h = torch.arange(rows, device=lengths.device), torch.arange(Hkv, device=lengths.device)
+        self.row_head_at = ((r // G * Hkv * G + r % G)[:, None] + h[None, :] * G).flatten()
         self.write_at = (lengths - 1).clamp(min=0).repeat_interleave(Hkv)
         self.bias = step_bias(kv.prefix_bias, rows, group_size, length, lengths)
-        self.fp32_out, self.cut = kv.fp32_out, (rows // group_size, rows, length)
+        self.fp32_out, self.cut = kv.fp32_out, (rows // group_size, rows * Hkv, length)
         self.tensors = None
 
     def for_layer(self, tensors) -> "ReservedAttention":
         """One layer's (prompt keys, prompt values, response keys, response values), cut to the step's groups, rows
         and length here, outside a compiled layer (which then takes them as they are)."""
-        (pk, pv, sk, sv), (P, R, Ls) = tensors, self.cut
+        (pk, pv, sk, sv), (P, RH, Ls) = tensors, self.cut
         view = object.__new__(ReservedAttention)
         view.__dict__.update(self.__dict__)
-        view.tensors = (pk[:P].flatten(0, 1), pv[:P].flatten(0, 1), sk[:R, :, :Ls].flatten(0, 1),
-                        sv[:R, :, :Ls].flatten(0, 1))
+        view.tensors = (pk[:P].flatten(0, 1), pv[:P].flatten(0, 1), sk[:RH, :Ls], sv[:RH, :Ls])
         del view.cut
         return view
 
     def attend(self, layer_idx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (R, H, 1, D), k/v (R, Hkv, 1, D) -> (R, H, 1, D), the prompts and responses read in place."""
-        pk, pv, sk, sv = self.tensors  # (P*Hkv, Tp, D) x 2, (R*Hkv, Ls, D) x 2
+        pk, pv, sk, sv = self.tensors  # (P*Hkv, Tp, D) x 2, (P*Hkv*G, Ls, D) x 2
         R, H, _, D = q.shape
         P, G = self.bias.shape[:2]
         Tp, Ls = pk.shape[1], sk.shape[1]
@@ -262,13 +268,13 @@ class ReservedAttention:
         rep = H // Hkv
         sk[self.row_head_at, self.write_at] = k[:, :, 0].reshape(R * Hkv, D).to(sk.dtype)
         sv[self.row_head_at, self.write_at] = v[:, :, 0].reshape(R * Hkv, D).to(sv.dtype)
-        q = q.to(sk.dtype).reshape(P, G, Hkv, rep, D)
-        grid = q.transpose(1, 2).reshape(P * Hkv, G * rep, D)  # a group's queries side by side, per kv head
-        s_pre = scores_fp32(grid, pk, self.fp32_out).view(P, Hkv, G, rep, Tp).transpose(1, 2)  # (P, G, Hkv, rep, Tp)
-        s_own = scores_fp32(q.reshape(R * Hkv, rep, D), sk, self.fp32_out).view(P, G, Hkv, rep, Ls)
-        scores = torch.cat((s_pre, s_own), dim=-1)  # (P, G, Hkv, rep, Tp + Ls)
-        p = torch.softmax(torch.add(self.bias[:, :, None, None], scores, alpha=D ** -0.5), dim=-1).to(sv.dtype)
-        o_pre = torch.bmm(p[..., :Tp].transpose(1, 2).reshape(P * Hkv, G * rep, Tp), pv)
-        o_pre = o_pre.view(P, Hkv, G, rep, D).transpose(1, 2)  # (P, G, Hkv, rep, D)
-        o_own = torch.bmm(p[..., Tp:].reshape(R * Hkv, rep, Ls), sv).view(P, G, Hkv, rep, D)
-        return (o_own + o_pre).view(R, H, 1, D)
+        # a group's queries side by side under each kv head: (P, Hkv, G, rep, D), the order of the stores' rows
+        grid = q.to(sk.dtype).reshape(P, G, Hkv, rep, D).transpose(1, 2).reshape(P * Hkv, G * rep, D)
+        s_pre = scores_fp32(grid, pk, self.fp32_out).view(P, Hkv, G, rep, Tp)
+        s_own = scores_fp32(grid.view(P * Hkv * G, rep, D), sk, self.fp32_out).view(P, Hkv, G, rep, Ls)
+        scores = torch.cat((s_pre, s_own), dim=-1)  # (P, Hkv, G, rep, Tp + Ls)
+        p = torch.softmax(torch.add(self.bias[:, None, :, None], scores, alpha=D ** -0.5), dim=-1).to(sv.dtype)
+        # both parts of p are views in the layout their products read (no copy of the probabilities)
+        o_pre = torch.bmm(p[..., :Tp].reshape(P * Hkv, G * rep, Tp), pv).view(P, Hkv, G, rep, D)
+        o_own = torch.bmm(p[..., Tp:].reshape(P * Hkv * G, rep, Ls), sv).view(P, Hkv, G, rep, D)
+        return (o_pre + o_own).transpose(1, 2).reshape(R, H, 1, D)

@@ -9,6 +9,7 @@ Tests: .venv/bin/python -m pytest -q tests/test_memory_plan.py
 import argparse
 from dataclasses import dataclass
 
+from config import frees_rollout_memory
 from model.config import Qwen2_5_VisionConfig, Qwen3VLConfig, TextConfig, VisionConfig
 from model.lora import ALL_TARGETS, check_targets
 
@@ -103,6 +104,8 @@ class Options:
     micro_batch_size: int = 16
     micro_batch_tokens: int = 0    # micro-batches packed by tokens (train.py --micro_batch_tokens); 0: micro_batch_size
     activation_checkpointing: bool = False  # recompute decoder blocks in backward: keep only their inputs
+    free_rollout_memory: str = "auto"  # the engine's weight copies given back for the update (train.py's flag):
+                                       # auto (under FSDP2) | true | false
 
 
 def plan(cfg, opt: Options) -> dict:
@@ -121,15 +124,21 @@ def plan(cfg, opt: Options) -> dict:
                         the decoder blocks)
       FSDP2 update = 2 (R + 2 B) + 6 (R_t + B_t)  (bf16 unsharded root R = everything outside the decoder blocks,
                         kept through forward and backward, and two blocks B (one prefetched); their gradients in
-                        bf16 and fp32 for the reduce-scatter)
+                        bf16 and fp32 for the reduce-scatter: the root's at the end of the backward, when the
+                        activations are gone)
+      FSDP2 update start = 2 (R + 2 B) + 6 B_t + 2 V C_t  (the start of the backward, when the activations peak: the
+                        root and two blocks unsharded, the LM head's bf16 gradient (made first, reduced with the
+                        root's at the end; V C_t = V C when the head or the tied embedding trains) and a block's)
       activations (the update, bf16): a micro-batch's T positions (micro_batch_tokens; else its rows' responses at
                         max_new_tokens and its prompts once each, the shared-prefix forward) through L blocks that
                         each keep ~T (2q + 2kv + 3C + 4F) values for the backward (q, k, v, attention out, norms,
                         residual, the MLP's gate, up, activation and product); with activation checkpointing only
                         the L block inputs T C and one block's recompute; plus the LM head's chunked log-probs
                         (512 positions x V, fp32, three buffers; no whole logits, logprobs.head_logprobs)
-    held = weights + optimizer + reference + engine copies; peak = held + max(update extras, rollout extras), before
-    activations; with them = held + update extras + activations; the KV cache gets what is left during the rollout."""
+    held = weights + optimizer + reference, + engine copies unless they are given back for the update (then they are
+    rollout extras); peak = held + max(update extras, rollout extras), before activations; with them = held +
+    gradients + update extras + activations (FSDP2: + max(update start + activations, update)); the KV cache gets
+    what is left during the rollout (train.py frees it for the update too when it frees the copies)."""
     n = param_counts(cfg, opt.lora_rank, opt.lora_targets, opt.lora_vision)
     base = n["decoder_blocks"] + n["embed"] + n["lm_head"] + n["final_norm"] + n["vision"]
     total = base + n["adapters"]
@@ -156,9 +165,12 @@ def plan(cfg, opt: Options) -> dict:
         root_t = n["adapters_vision"] if opt.lora_rank else trainable - n["decoder_blocks"]
         block_t = n["adapters_text"] // L if opt.lora_rank else n["block"]
         items["fsdp_update"] = 2 * (root + 2 * block) + 6 * (root_t + block_t)
+        head_t = 0 if opt.lora_rank else cfg.text.vocab_size * cfg.text.hidden_size
+        items["fsdp_update_start"] = 2 * (root + 2 * block) + 6 * block_t + 2 * head_t
         items["fsdp_rollout"] = 2 * max(root, block)
     else:
-        items["fsdp_update"] = items["fsdp_rollout"] = 0
+        items["fsdp_update"] = items["fsdp_update_start"] = items["fsdp_rollout"] = 0
+    free = frees_rollout_memory(opt.free_rollout_memory, opt.fsdp)
     t = cfg.text
     C, F, q, kv = t.hidden_size, t.intermediate_size, t.num_attention_heads * t.head_dim, \
         t.num_key_value_heads * t.head_dim
@@ -167,10 +179,12 @@ def plan(cfg, opt: Options) -> dict:
     per_block = tokens * (2 * q + 2 * kv + 3 * C + 4 * F) * 2
     items["activations"] = (L * tokens * C * 2 + per_block if opt.activation_checkpointing else L * per_block) + \
         512 * t.vocab_size * 4 * 3
-    held = items["weights"] + items["optimizer"] + items["reference"] + items["engine_copies"]
+    held = items["weights"] + items["optimizer"] + items["reference"] + (0 if free else items["engine_copies"])
     update = items["gradients"] + items["fsdp_update"]
-    peak = held + max(update, items["fsdp_rollout"])
-    with_activations = held + update + items["activations"]
+    rollout = items["fsdp_rollout"] + (items["engine_copies"] if free else 0)
+    peak = held + max(update, rollout)
+    with_activations = held + items["gradients"] + (max(items["fsdp_update_start"] + items["activations"],
+                                                         items["fsdp_update"]) if opt.fsdp else items["activations"])
     kv_token = t.num_hidden_layers * t.num_key_value_heads * t.head_dim * 2 * 2  # k and v, bf16
     # engine.Engine.slot_bytes: the slot (bf16) plus the prompt's prefill cache, in the stored weights' dtype
     slot = kv_token * (opt.prompt_len + opt.group_size * opt.max_new_tokens) + \
@@ -179,7 +193,7 @@ def plan(cfg, opt: Options) -> dict:
     return {**items, "held": held, "peak": peak, "with_activations": with_activations, "left": left,
             "params": {"total": total, "trainable": trainable, "frozen": frozen, **n},
             "kv_per_token": kv_token, "kv_per_group": slot,
-            "groups_that_fit": max(0, int((opt.gpu_gb * GiB - held - items["fsdp_rollout"]) // slot)),
+            "groups_that_fit": max(0, int((opt.gpu_gb * GiB - held - rollout) // slot)), "frees_engine": free,
             "micro_batch_positions": tokens}
 
 
@@ -203,16 +217,23 @@ def format_plan(name: str, cfg, opt: Options) -> str:
              f"  reference model                      {g(p['reference'])}"
              + ("   (adapters disabled: none)" if opt.lora_rank else ""),
              f"  rollout engine weight copies (bf16)  {g(p['engine_copies'])}"
-             + ("   (the whole model: graphs under FSDP2)" if opt.fsdp else ""),
+             + ("   (the whole model: graphs under FSDP2)" if opt.fsdp else "")
+             + ("; given back for the update, not held" if p["frees_engine"] else ""),
              f"  = held through the run               {g(p['held'])}",
              f"  + gradients during the update        {g(p['gradients'])}"]
     if opt.fsdp:
-        lines += [f"  + FSDP2 unsharded blocks (update)    {g(p['fsdp_update'])}",
+        lines += [f"  + FSDP2 unsharded units (update)     {g(p['fsdp_update'])}   (at the backward's end; at its "
+                  f"start {p['fsdp_update_start'] / GiB:.2f} GiB)",
                   f"  + FSDP2 unit gathered (rollout copy) {g(p['fsdp_rollout'])}"]
+    if p["frees_engine"]:
+        lines += [f"  + engine copies (rollout)            {g(p['engine_copies'])}"]
     lines += [f"  = peak before activations            {g(p['peak'])}",
               f"  + activations of a micro-batch        {g(p['activations'])}   ({p['micro_batch_positions']:,} positions, "
               + ("checkpointed blocks)" if opt.activation_checkpointing else "no activation checkpointing)"),
-              f"  = peak of the update                 {g(p['with_activations'])}   of {opt.gpu_gb:.0f} GiB: "
+              f"  = peak of the update                 {g(p['with_activations'])}   "
+              + (("(held + gradients + units at the backward's start + activations) " if
+                  p["fsdp_update_start"] + p["activations"] >= p["fsdp_update"] else "(at the backward's end) ")
+                 if opt.fsdp else "") + f"of {opt.gpu_gb:.0f} GiB: "
               + ("fits" if p["left"] > 0 else "DOES NOT FIT"),
               f"  hints: KV cache {p['kv_per_token'] / 1024:.0f} KiB/token; one group of {opt.group_size} x "
               f"{opt.max_new_tokens} tokens after a {opt.prompt_len}-token prompt {g(p['kv_per_group']).strip()} "
@@ -248,7 +269,8 @@ def readme_table(models=("qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-8b"), gpu_gb: f
             n_t = p["params"]["trainable"]
             out.append(f"| {name} | {world} | {label} | {n_t / 1e6:,.0f}M | {f(p['weights'])} | {f(p['optimizer'])} | "
                        f"{f(p['reference'])} | {f(p['engine_copies'])} | {f(p['held'])} | "
-                       f"{f(p['gradients'] + p['fsdp_update'])} | {f(p['fsdp_rollout'])} | {f(p['peak'])} | "
+                       f"{f(p['gradients'] + p['fsdp_update'])} | "
+                       f"{f(p['fsdp_rollout'] + (p['engine_copies'] if p['frees_engine'] else 0))} | {f(p['peak'])} | "
                        f"{'yes' if p['peak'] < gpu_gb * GiB else 'no'} |")
     return "\n".join(out)
 
@@ -270,7 +292,8 @@ def plan_for_config(cfg) -> str:
                   kl=cfg.kl_coef > 0, engines=1, gpu_gb=gpu_gb, group_size=cfg.group_size,
                   max_new_tokens=cfg.max_new_tokens, prompt_len=cfg.max_prompt_len,
                   micro_batch_size=cfg.micro_batch_size, micro_batch_tokens=cfg.micro_batch_tokens,
-                  activation_checkpointing=cfg.activation_checkpointing)
+                  activation_checkpointing=cfg.activation_checkpointing,
+                  free_rollout_memory=cfg.free_rollout_memory)
     return format_plan(cfg.model, load_model_config(cfg.model), opt)
 
 
@@ -294,6 +317,8 @@ def main(argv=None) -> None:
     opt = Options(**{f: getattr(args, f) for f in Options.__dataclass_fields__})
     if opt.base_dtype not in BYTES:
         ap.error(f"--base_dtype={opt.base_dtype}: use fp32 or bf16")
+    if opt.free_rollout_memory not in ("auto", "true", "false"):
+        ap.error(f"--free_rollout_memory={opt.free_rollout_memory}: use auto, true or false")
     print(format_plan(args.model, load_model_config(args.model), opt))
 
 

@@ -101,6 +101,32 @@ def test_bytes_by_hand():
     assert full["kv_per_token"] == 28 * 8 * 128 * 2 * 2 == 112 * 1024
 
 
+def test_fsdp_update_phases_and_freed_engine_copies():
+    """Under FSDP2 the engine's whole bf16 copy is given back for the update (auto), so it is a rollout extra, not
+    held; the update's peak is the larger of the backward's start (activations, the root and two blocks unsharded, the
+    LM head's and one block's gradients) and its end (the root's gradients in bf16 and fp32, no activations)."""
+    cfg = qwen3vl_preset("qwen3-vl-8b")
+    kw = dict(world_size=4, fsdp=True, max_new_tokens=4096, prompt_len=2048, micro_batch_size=16,
+              activation_checkpointing=True)
+    freed, kept = plan(cfg, Options(**kw)), plan(cfg, Options(**kw, free_rollout_memory="false"))
+    n = freed["params"]
+    N, V, C = n["total"], cfg.text.vocab_size, cfg.text.hidden_size
+    root, block = N - n["decoder_blocks"], n["block"]
+    assert freed["held"] == 4 * N / 4 + 8 * N / 4 + 2 * N / 4 and kept["held"] == freed["held"] + 2 * N
+    assert freed["peak"] == freed["held"] + max(4 * N / 4 + 2 * (root + 2 * block) + 6 * (root + block),
+                                                2 * root + 2 * N)
+    start = 2 * (root + 2 * block) + 6 * block + 2 * V * C
+    assert freed["fsdp_update_start"] == start
+    assert freed["with_activations"] == freed["held"] + 4 * N / 4 + max(start + freed["activations"],
+                                                                          freed["fsdp_update"])
+    assert kept["with_activations"] - freed["with_activations"] == 2 * N
+    # the issue's point: the paper's setting (4 GPUs, micro-batch 16, responses up to 4,096, checkpointing) fits 80 GiB
+    assert freed["with_activations"] < 80 * GiB < kept["with_activations"]
+    assert plan(cfg, Options(**kw, free_rollout_memory="true"))["with_activations"] == freed["with_activations"]
+    one = plan(cfg, Options(free_rollout_memory="true"))  # one GPU: the bf16 copies of the linear layers
+    assert one["held"] == plan(cfg, Options())["held"] - one["engine_copies"]
+
+
 def test_one_gpu_verdicts():
     """The point of the issue: an 8B full fine-tune does not fit one 80 GiB GPU, LoRA on a bf16 base does."""
     cfg = qwen3vl_preset("qwen3-vl-8b")

@@ -50,6 +50,24 @@ def test_each_option_runs_to_finite_metrics(tmp_path, flags):
     assert os.path.isfile(os.path.join(out, "final", "config.json"))  # a complete model at the end, LoRA merged
 
 
+def test_freeing_the_rollout_memory_changes_no_number(tmp_path):
+    """--free_rollout_memory=true gives the engine's store and weight copies back before each update and rebuilds
+    them at the next rollout (and evaluation): every logged number but the timings is the one kept memory gives."""
+    runs = {}
+    for choice in ("true", "false"):
+        out = str(tmp_path / choice)
+        train.main(QUICK + [f"--out_dir={out}", f"--free_rollout_memory={choice}", "--eval_every=1",
+                            "--toy_eval_size=4"])
+        runs[choice] = metrics(out)
+    timings = ("tokens_per_s", "rollout_time", "step_time", "capture_s")
+    assert len(runs["true"]) == len(runs["false"]) > 2  # two steps and the evaluations
+    for a, b in zip(runs["true"], runs["false"]):
+        assert {k: v for k, v in a.items() if k not in timings} == {k: v for k, v in b.items() if k not in timings}
+    from safetensors.torch import load_file
+    wa, wb = (load_file(os.path.join(tmp_path, c, "final", "model.safetensors")) for c in ("true", "false"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_entropy_is_at_the_sampling_temperature(tmp_path, monkeypatch):
     """The entropy stat (and bonus) is of softmax(logits / temperature): the sampled distribution's."""
     import logprobs
