@@ -168,6 +168,7 @@ def frees_rollout_memory(choice: str, fsdp: bool) -> bool:
     whole bf16 copy of the model would otherwise sit through every update."""
     return choice == "true" or choice == "auto" and fsdp
 
+
 # The toy world trains a ~1M-parameter VLM on CPU in minutes: far higher lr, small batches, short responses. The
 # policy first learns to refuse every compositional question, then to tell them apart by the picture. Plain GRPO at
 # lr 5e-4 sometimes never settled that second phase (seed 0: over-refusal swinging between 0.3 and 0.8 at step 90);
