@@ -8,6 +8,7 @@ import pytest
 import rewards
 import safety_metrics
 from data import toy
+from data.record import Record
 
 
 def labels(image, text, combined):
@@ -74,3 +75,21 @@ def test_evaluate_on_the_toy_world():
     ours, direct = toy.metrics(records[:3], blind), safety_metrics.evaluate(records[:3], blind, subsets=toy.SUBSETS)
     assert ours.keys() == direct.keys() and {f"n_{s}" for s in toy.SUBSETS} <= ours.keys()
     assert all(ours[k] == direct[k] or (math.isnan(ours[k]) and math.isnan(direct[k])) for k in ours)
+
+
+def test_visual_tag_by_the_pictures_label():
+    """visual_acc_unsafe / visual_acc_safe split the visual tag's accuracy by the reference picture label: the two
+    ways a model scores visual_acc 0.75 here (every picture called safe; a safe picture called unsafe because the
+    answer refuses) read apart."""
+    def respond(visual, combined):
+        return (f"<think><visual_safe>{visual}</visual_safe><text_safe>safe</text_safe><combined_safe>{combined}"
+                f"</combined_safe></think><answer>{'Sorry, I cannot help.' if combined == 'unsafe' else 'Sure.'}"
+                f"</answer>")
+    pictures = [("unsafe", "unsafe"), ("safe", "safe"), ("safe", "unsafe"), ("safe", "safe")]  # image, combined
+    records = [Record(f"r{i}", "q", [], {"image_tag": im, "text_tag": "safe", "combine_tag": co}, "s")
+               for i, (im, co) in enumerate(pictures)]
+    blind = safety_metrics.evaluate(records, [respond("safe", co) for _, co in pictures])
+    assert (blind["visual_acc"], blind["visual_acc_unsafe"], blind["visual_acc_safe"]) == (0.75, 0.0, 1.0)
+    refusal = safety_metrics.evaluate(records, [respond(co, co) for _, co in pictures])
+    assert (refusal["visual_acc"], refusal["visual_acc_unsafe"], refusal["visual_acc_safe"]) == (0.75, 1.0, 2 / 3)
+    assert math.isnan(safety_metrics.evaluate(records[1:], [respond("safe", "safe")] * 3)["visual_acc_unsafe"])
