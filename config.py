@@ -108,6 +108,8 @@ class Config:
     wandb_project: str = "safegrpo"
     # ---- toy world (used when model == "toy")
     toy_train_size: int = 0            # training prompts drawn from the toy world
+    toy_mix: str = ""                  # the toy world's subset weights, both splits: "benign,harmful_text,
+                                       # visual_unsafe,compositional_unsafe,compositional_safe" (empty: data/toy.py's)
     toy_eval_size: int = 0             # held-out prompts
     warmstart_steps: int = 0           # supervised warm-start updates on image-blind tags
     warmstart_lr: float = 0.0
@@ -130,6 +132,9 @@ class Config:
                              f"--max_new_tokens={self.max_new_tokens}")
         if self.tag_weight == 0 and self.behavior_weight == 0:
             raise ValueError("--tag_weight=0 and --behavior_weight=0 leave no reward to learn from")
+        if self.toy_mix:
+            from data.toy import mix
+            mix(self.toy_mix)  # raises naming what is wrong
         if self.tis_cap and self.tis_cap < 1:
             raise ValueError(f"--tis_cap={self.tis_cap} must be >= 1 (it caps a weight that is 1 when nothing is off)")
         for name, allowed in CHOICES.items():

@@ -8,7 +8,8 @@ def load_split(cfg, split: str):
     """Records of one split: the toy world, or a SafeTag-format dataset on disk."""
     if cfg.data == "toy":
         from data import toy
-        return toy.records(split, cfg.toy_train_size if split == cfg.train_split else cfg.toy_eval_size, cfg.seed)
+        return toy.records(split, cfg.toy_train_size if split == cfg.train_split else cfg.toy_eval_size, cfg.seed,
+                           toy.mix(cfg.toy_mix))
     from data.safetag import load_safetag
     return load_safetag(cfg.data, split=split, image_root=cfg.image_root or None)
 

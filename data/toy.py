@@ -254,13 +254,28 @@ def make_record(rid, subset, rng):
     return Record(rid, question, [img], tags(category, kind), subset, meta)
 
 
-def records(split, n, seed=0):
-    """`n` toy records of a split ("train" / "test"); the same (split, n, seed) always gives the same records,
-    and the splits draw from disjoint random streams."""
+def mix(text=""):
+    """--toy_mix: the five subsets' weights, "benign,harmful_text,visual_unsafe,compositional_unsafe,
+    compositional_safe" (relative; empty: SUBSET_WEIGHTS). A ValueError says what is wrong."""
+    if not text:
+        return SUBSET_WEIGHTS
+    try:
+        weights = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        weights = ()
+    if len(weights) != len(SUBSETS) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"--toy_mix={text!r}: expected {len(SUBSETS)} comma-separated weights >= 0, not all 0, for "
+                         f"{', '.join(SUBSETS)}")
+    return weights
+
+
+def records(split, n, seed=0, weights=SUBSET_WEIGHTS):
+    """`n` toy records of a split ("train" / "test"); the same (split, n, seed, weights) always gives the same
+    records, and the splits draw from disjoint random streams. weights: the subsets' mix (`mix`)."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown toy split {split!r}; expected one of {sorted(SPLIT_SEEDS)}")
     rng = random.Random(SPLIT_SEEDS[split] + 7919 * seed)
-    subsets = rng.choices(SUBSETS, weights=SUBSET_WEIGHTS, k=n)
+    subsets = rng.choices(SUBSETS, weights=weights, k=n)
     return [make_record(f"toy/{split}/{seed}/{i}", s, random.Random(rng.getrandbits(64)))
             for i, s in enumerate(subsets)]
 

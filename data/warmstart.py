@@ -115,7 +115,7 @@ def prepare_toy_model(cfg, rank: int, device) -> str:
         net, processor = vlm.load(init_dir, device=device, dtype=torch.float32), vlm.load_processor(init_dir)
         rng = random.Random(cfg.seed)
         examples = [(r, toy.warmstart_response(r, rng)) for r in toy.records(cfg.train_split, cfg.toy_train_size,
-                                                                             cfg.seed)]
+                                                                             cfg.seed, toy.mix(cfg.toy_mix))]
         t0 = time.time()
         warm_start(net, processor, examples, steps=cfg.warmstart_steps, lr=cfg.warmstart_lr,
                    batch_size=cfg.warmstart_batch_size, seed=cfg.seed)

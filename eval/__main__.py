@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--toy_size", type=int, default=TOY_PRESET["toy_eval_size"],
                    help="toy: records in the split (train.py's --toy_eval_size)")
     g.add_argument("--toy_seed", type=int, default=0, help="toy: the world's seed (train.py's --seed)")
+    g.add_argument("--toy_mix", default="", help="toy: the subsets' weights (train.py's --toy_mix; empty: the world's)")
     g.add_argument("--kinds", default=",".join(MMSB_KINDS), help="MM-SafetyBench image kinds, comma-separated")
     g.add_argument("--scenarios", default=None, help="MM-SafetyBench scenarios (names or 2-digit codes), comma-separated")
     g.add_argument("--ids_file", default=None, help="MM-SafetyBench TinyVersion_ID_List.json to keep the Tiny subset")
@@ -88,7 +89,7 @@ def _csv(s: str | None) -> list[str] | None:
 def load_records(args):
     """The benchmark's records, from --data and --image_root, with the options that benchmark takes."""
     if args.benchmark == "toy":    # drawn in code: no files
-        records = LOADERS["toy"](args.split, args.toy_size, args.toy_seed)
+        records = LOADERS["toy"](args.split, args.toy_size, args.toy_seed, args.toy_mix)
         return records[:args.limit] if args.limit is not None else records
     if args.data is None:
         raise BenchmarkError(f"--data is required to generate (the {args.benchmark} file or folder)")

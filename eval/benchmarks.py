@@ -368,12 +368,18 @@ def load_safetag(path: str, image_root: str | None = None, split: str = "test") 
 # (image_tag, text_tag, combine_tag) and its subsets the world's five, so the report scores the responses with the
 # rule reward as train.py's held-out evaluation does (eval/metrics.py reward_metrics).
 
-def load_toy(split: str = "test", size: int = TOY_PRESET["toy_eval_size"], seed: int = 0) -> RecordList:
-    """The records train.py evaluates a toy run on with --toy_eval_size=size --seed=seed (the preset: 300, seed 0)."""
+def load_toy(split: str = "test", size: int = TOY_PRESET["toy_eval_size"], seed: int = 0, toy_mix: str = "") \
+        -> RecordList:
+    """The records train.py evaluates a toy run on with --toy_eval_size=size --seed=seed --toy_mix=toy_mix (the
+    preset: 300, seed 0, the world's own mix)."""
     from data import toy
     if size < 1:
         raise BenchmarkError(f"toy: the split size must be >= 1, got {size}")
-    return RecordList.from_records(toy.records(split, size, seed))
+    try:
+        weights = toy.mix(toy_mix)
+    except ValueError as e:
+        raise BenchmarkError(f"toy: {e}") from None
+    return RecordList.from_records(toy.records(split, size, seed, weights))
 
 
 def read_prompt_file(path: str) -> str:

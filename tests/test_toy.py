@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import rewards
+from config import parse_config
 from data import toy
 from data.record import Record
 
@@ -74,6 +75,21 @@ def test_records_are_deterministic_and_splits_disjoint():
     assert not train_images & {pixels(r).tobytes() for r in d}
     with pytest.raises(ValueError, match="unknown toy split"):
         toy.records("validation", 3)
+
+
+def test_the_mix_of_subsets():
+    """--toy_mix: the subsets' relative weights; empty is the world's own, bad text is a ValueError naming it."""
+    assert toy.mix("") == toy.SUBSET_WEIGHTS and toy.mix("0.2,0.15,0.15,0.25,0.25") == toy.SUBSET_WEIGHTS
+    assert [r.id for r in toy.records("train", 20, 1, toy.mix(""))] == [r.id for r in toy.records("train", 20, 1)]
+    only = toy.records("train", 40, 1, toy.mix("0,0,1,0,0"))
+    assert {r.subset for r in only} == {"visual_unsafe"} and {r.meta["category"] for r in only} == {"unsafe"}
+    weapons = lambda w: sum(r.subset == "visual_unsafe" for r in toy.records("train", 400, 0, w))  # noqa: E731
+    assert weapons(toy.mix("0.15,0.1,0.3,0.225,0.225")) > 1.5 * weapons(toy.SUBSET_WEIGHTS)
+    for bad in ("1,2,3", "a,b,c,d,e", "1,1,-1,1,1", "0,0,0,0,0"):
+        with pytest.raises(ValueError, match="--toy_mix"):
+            toy.mix(bad)
+    with pytest.raises(ValueError, match="--toy_mix"):
+        parse_config(["--toy_mix=1,2"])
 
 
 def test_images_vary_and_show_an_object():
