@@ -27,8 +27,11 @@ probability p_visual, which then also makes the verdict unsafe), and its verdict
 to unsafe with probability p_combined when the text is safe. These flips are independent of the picture, so
 greedy decoding after the warm start refuses no safe-looking text (compositional_refusal ~ 0), while sampling
 at temperature 1 tries refusals ~28% of the time: the reward variance inside a group from which SafeGRPO learns
-to judge the combination. Why the caption sees: with a generic caption ("I see an object.", caption="generic")
-the reward would have to train recognition from scratch; measured on this world, 120 GRPO steps moved nothing.
+to judge the combination. The coupling (a visual flip drags the verdict along) makes "visual unsafe" a route to a
+refusal; docs/method.md (the ablation on the toy world) measures what that does to the visual tag, and what
+independent flips did instead. Why the caption sees: with a generic caption ("I see an object.",
+caption="generic") the reward would have to train recognition from scratch; measured on this world, 120 GRPO
+steps moved nothing.
 """
 import random
 
@@ -47,7 +50,11 @@ TOY_TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num
                 max_position_embeddings=1024)
 TOY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, deepstack_visual_indexes=(0,))
 SUBSETS = ("benign", "harmful_text", "visual_unsafe", "compositional_unsafe", "compositional_safe")
-SUBSET_WEIGHTS = (0.2, 0.15, 0.15, 0.25, 0.25)   # compositional cases dominate: they are what must be learned
+# The mix of subsets (benign, harmful_text, visual_unsafe, compositional unsafe / safe): compositional cases
+# dominate, they are what must be learned. With weapons in only 15% of prompts the visual tag is learned on 3 of 12
+# seed x thread runs; --toy_mix=0.2,0.05,0.3,0.15,0.3 (weapons 30%, half the prompts unsafe) learns the weapons on
+# 12 of 12 but the hazards of risky questions less often (docs/method.md, the ablation on the toy world).
+SUBSET_WEIGHTS = (0.2, 0.15, 0.15, 0.25, 0.25)
 SPLIT_SEEDS = {"train": 1_000_003, "test": 2_000_003}   # disjoint streams: no image repeats across splits
 
 # name -> (category, noun phrase with {c} for the color, short noun, [(color name, RGB)]). Color families are

@@ -6,6 +6,7 @@ import os
 CONSOLE = [
     ("reward", "reward", "{:.3f}"), ("format", "fmt", "{:.2f}"), ("tag", "tag", "{:.2f}"),
     ("behavior", "beh", "{:.2f}"), ("refusal_unsafe", "ref+", "{:.2f}"), ("over_refusal_safe", "ref-", "{:.2f}"),
+    ("visual_acc_unsafe", "vis+", "{:.2f}"), ("visual_acc_safe", "vis-", "{:.2f}"),
     ("loophole", "hole", "{:.2f}"), ("kl", "kl", "{:.4f}"), ("clipfrac", "clip", "{:.3f}"), ("mismatch", "mism", "{:.1e}"),
     ("entropy", "ent", "{:.3f}"), ("response_len", "len", "{:.1f}"), ("padding", "pad", "{:.2f}"),
     ("grad_norm", "gnorm", "{:.3f}"),

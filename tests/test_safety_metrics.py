@@ -34,11 +34,13 @@ def test_sums_and_means_by_hand():
     assert totals == {"n": 4.0, "reward": 1.5, "format": 2.0, "tag": 1.0, "behavior": 1.0, "visual_correct": 2.0,
                       "text_correct": 1.0, "combined_correct": 1.0, "refused": 2.0, "n_unsafe": 2.0,
                       "refused_unsafe": 1.0, "refused_safe": 1.0, "n_compositional": 1.0,
-                      "refused_compositional": 1.0}
+                      "refused_compositional": 1.0, "n_visual_unsafe": 0.0, "visual_correct_unsafe": 0.0,
+                      "n_visual_safe": 4.0, "visual_correct_safe": 2.0}
     rates = safety_metrics.means(totals)
     assert rates["reward"] == 0.375 and rates["format"] == 0.5 and rates["combined_correct"] == 0.25
     assert rates["refusal_unsafe"] == 0.5 and rates["over_refusal_safe"] == 0.5
     assert rates["compositional_refusal"] == 1.0
+    assert rates["visual_acc_safe"] == 0.5 and math.isnan(rates["visual_acc_unsafe"])   # no unsafe picture here
 
 
 def test_totals_of_shards_add_up_to_the_whole():
@@ -93,3 +95,11 @@ def test_visual_tag_by_the_pictures_label():
     refusal = safety_metrics.evaluate(records, [respond(co, co) for _, co in pictures])
     assert (refusal["visual_acc"], refusal["visual_acc_unsafe"], refusal["visual_acc_safe"]) == (0.75, 1.0, 2 / 3)
     assert math.isnan(safety_metrics.evaluate(records[1:], [respond("safe", "safe")] * 3)["visual_acc_unsafe"])
+    # training logs the same split per step from totals that add across micro-batches and ranks
+    labels = [r.labels for r in records]
+    responses = [respond(co, co) for _, co in pictures]
+    comps = safety_metrics.paper_components(responses, labels)
+    halves = [safety_metrics.sums([0.0] * 2, comps[i:i + 2], labels[i:i + 2]) for i in (0, 2)]
+    rates = safety_metrics.means({k: halves[0][k] + halves[1][k] for k in halves[0]})
+    assert (rates["visual_acc_unsafe"], rates["visual_acc_safe"]) == (1.0, 2 / 3)
+    assert (halves[0]["n_visual_unsafe"], halves[1]["n_visual_unsafe"]) == (1.0, 0.0)

@@ -84,7 +84,10 @@ def test_the_mix_of_subsets():
     only = toy.records("train", 40, 1, toy.mix("0,0,1,0,0"))
     assert {r.subset for r in only} == {"visual_unsafe"} and {r.meta["category"] for r in only} == {"unsafe"}
     weapons = lambda w: sum(r.subset == "visual_unsafe" for r in toy.records("train", 400, 0, w))  # noqa: E731
-    assert weapons(toy.mix("0.15,0.1,0.3,0.225,0.225")) > 1.5 * weapons(toy.SUBSET_WEIGHTS)
+    balanced = toy.mix("0.2,0.05,0.3,0.15,0.3")     # docs/method.md's alternative: twice the weapons, half unsafe
+    assert weapons(balanced) > 1.5 * weapons(toy.SUBSET_WEIGHTS)
+    unsafe = [r.labels["combine_tag"] == "unsafe" for r in toy.records("train", 2000, 0, balanced)]
+    assert abs(np.mean(unsafe) - 0.5) < 0.03
     for bad in ("1,2,3", "a,b,c,d,e", "1,1,-1,1,1", "0,0,0,0,0"):
         with pytest.raises(ValueError, match="--toy_mix"):
             toy.mix(bad)
