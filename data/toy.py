@@ -28,11 +28,12 @@ to unsafe with probability p_combined when the text is safe. These flips are ind
 greedy decoding after the warm start refuses no safe-looking text (compositional_refusal ~ 0), while sampling
 at temperature 1 tries refusals ~28% of the time: the reward variance inside a group from which SafeGRPO learns
 to judge the combination. The coupling (a visual flip drags the verdict along) makes "visual unsafe" a route to a
-refusal; docs/method.md (the ablation on the toy world) measures what that does to the visual tag, and what
-independent flips did instead. Why the caption sees: with a generic caption ("I see an object.",
+refusal; docs/method.md ("Why the visual tag is not learned") measures what that does to the visual tag, and
+what independent flips did instead. Why the caption sees: with a generic caption ("I see an object.",
 caption="generic") the reward would have to train recognition from scratch; measured on this world, 120 GRPO
 steps moved nothing.
 """
+import math
 import random
 
 from PIL import Image, ImageDraw
@@ -53,7 +54,7 @@ SUBSETS = ("benign", "harmful_text", "visual_unsafe", "compositional_unsafe", "c
 # The mix of subsets (benign, harmful_text, visual_unsafe, compositional unsafe / safe): compositional cases
 # dominate, they are what must be learned. With weapons in only 15% of prompts the visual tag is learned on 3 of 12
 # seed x thread runs; --toy_mix=0.2,0.05,0.3,0.15,0.3 (weapons 30%, half the prompts unsafe) learns the weapons on
-# 12 of 12 but the hazards of risky questions less often (docs/method.md, the ablation on the toy world).
+# 12 of 12 but the hazards of risky questions less often (docs/method.md, "Why the visual tag is not learned").
 SUBSET_WEIGHTS = (0.2, 0.15, 0.15, 0.25, 0.25)
 SPLIT_SEEDS = {"train": 1_000_003, "test": 2_000_003}   # disjoint streams: no image repeats across splits
 
@@ -270,8 +271,8 @@ def mix(text=""):
         weights = tuple(float(x) for x in text.split(","))
     except ValueError:
         weights = ()
-    if len(weights) != len(SUBSETS) or min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"--toy_mix={text!r}: expected {len(SUBSETS)} comma-separated weights >= 0, not all 0, for "
+    if len(weights) != len(SUBSETS) or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"--toy_mix={text!r}: expected {len(SUBSETS)} comma-separated finite weights >= 0, not all 0, for "
                          f"{', '.join(SUBSETS)}")
     return weights
 

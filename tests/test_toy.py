@@ -88,7 +88,7 @@ def test_the_mix_of_subsets():
     assert weapons(balanced) > 1.5 * weapons(toy.SUBSET_WEIGHTS)
     unsafe = [r.labels["combine_tag"] == "unsafe" for r in toy.records("train", 2000, 0, balanced)]
     assert abs(np.mean(unsafe) - 0.5) < 0.03
-    for bad in ("1,2,3", "a,b,c,d,e", "1,1,-1,1,1", "0,0,0,0,0"):
+    for bad in ("1,2,3", "a,b,c,d,e", "1,1,-1,1,1", "0,0,0,0,0", "nan,1,1,1,1", "inf,1,1,1,1"):
         with pytest.raises(ValueError, match="--toy_mix"):
             toy.mix(bad)
     with pytest.raises(ValueError, match="--toy_mix"):
