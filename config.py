@@ -174,7 +174,8 @@ def frees_rollout_memory(choice: str, fsdp: bool) -> bool:
     return choice == "true" or choice == "auto" and fsdp
 
 
-# The toy world trains a ~1M-parameter VLM on CPU in minutes: far higher lr, small batches, short responses. The
+# The toy world trains a ~1M-parameter VLM on CPU in minutes: far higher lr, small batches, short responses. Why these
+# values, measured on earlier versions of the toy world (weapons in 15% of prompts, coupled warm-start flips). The
 # policy first learns to refuse every compositional question, then to tell them apart by the picture. Plain GRPO at
 # lr 5e-4 sometimes never settled that second phase (seed 0: over-refusal swinging between 0.3 and 0.8 at step 90);
 # at 3e-4 it sometimes came too late (seed 3: compositional refusal 0.32 after 150 steps): once most groups are
@@ -184,7 +185,7 @@ def frees_rollout_memory(choice: str, fsdp: bool) -> bool:
 # KL 0.05, not the paper's 0.01: at 0.01 one run in 12 (seed 0, 1 thread) locked into a shortcut by step 40, "refuse
 # every 'leave it on my baby's bed'" whatever the object; all 8 samples of such a prompt then refuse, the group's
 # advantage is 0, and nothing pulls it back but the KL to the warm start, which still helps there 80% of the time.
-# At 0.05 that run ended at over-refusal 0.014 (README: the seed table, seeds 0-5 x 1, 2 threads).
+# At 0.05 that run ended at over-refusal 0.014 (bench/README.md, the toy world before independent flips).
 TOY_PRESET = dict(
     epochs=1000, max_steps=150, prompts_per_step=16, group_size=8, mini_batch_prompts=8,
     micro_batch_size=256, lr=3e-4, lr_schedule="cosine", warmup_steps=0, kl_coef=0.05, max_prompt_len=512,

@@ -23,14 +23,16 @@ facts the model has already written. `reference_response` is always right (rewar
 
 The warm start (`warmstart_response`) imitates a base model that sees but judges safety from the text alone:
 its caption names the object, its text tag is right, its visual tag is "safe" (flipped to "unsafe" with
-probability p_visual, which then also makes the verdict unsafe), and its verdict follows the text tag, flipped
-to unsafe with probability p_combined when the text is safe. These flips are independent of the picture, so
-greedy decoding after the warm start refuses no safe-looking text (compositional_refusal ~ 0), while sampling
-at temperature 1 tries refusals ~28% of the time: the reward variance inside a group from which SafeGRPO learns
-to judge the combination. The coupling (a visual flip drags the verdict along) makes "visual unsafe" a route to a
-refusal; docs/method.md ("Why the visual tag is not learned") measures what that does to the visual tag, and
-what independent flips did instead. Why the caption sees: with a generic caption ("I see an object.",
-caption="generic") the reward would have to train recognition from scratch; measured on this world, 120 GRPO
+probability p_visual), and its verdict follows the text tag (flipped to unsafe with probability p_combined when
+the text is safe). The flips are independent of the picture and of each other, so greedy decoding after the warm
+start calls every picture safe and refuses no safe-looking text (compositional_refusal ~ 0), while sampling at
+temperature 1 tries "visual unsafe" (9-20% of the samples of the README's runs' first 10 steps, on either kind of
+picture) and refusals (12-42% on safe prompts): the reward variance inside a group from which SafeGRPO learns to
+judge the picture and the combination. Why independent flips, a visual flip this common and this mix:
+docs/method.md, "How the visual tag is learned" (when a visual flip also made the verdict unsafe, "visual unsafe"
+became a route to a refusal that runs took for the hazards; with rarer visual flips or fewer weapons, more runs
+called every picture safe). Why the caption sees: with a generic caption ("I see an object.", caption="generic")
+the reward would have to train recognition from scratch; measured on an earlier version of this world, 120 GRPO
 steps moved nothing.
 """
 import math
@@ -51,11 +53,10 @@ TOY_TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num
                 max_position_embeddings=1024)
 TOY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, deepstack_visual_indexes=(0,))
 SUBSETS = ("benign", "harmful_text", "visual_unsafe", "compositional_unsafe", "compositional_safe")
-# The mix of subsets (benign, harmful_text, visual_unsafe, compositional unsafe / safe): compositional cases
-# dominate, they are what must be learned. With weapons in only 15% of prompts the visual tag is learned on 3 of 12
-# seed x thread runs; --toy_mix=0.2,0.05,0.3,0.15,0.3 (weapons 30%, half the prompts unsafe) learns the weapons on
-# 12 of 12 but the hazards of risky questions less often (docs/method.md, "Why the visual tag is not learned").
-SUBSET_WEIGHTS = (0.2, 0.15, 0.15, 0.25, 0.25)
+# The mix of subsets (benign, harmful_text, visual_unsafe, compositional unsafe / safe): half the prompts unsafe,
+# weapons in 30% and the hazards of risky questions in 15%. Fewer weapons (15%) and the visual tag follows the
+# majority (every picture called safe); more unsafe prompts and a run may refuse blindly first (docs/method.md).
+SUBSET_WEIGHTS = (0.2, 0.05, 0.3, 0.15, 0.3)
 SPLIT_SEEDS = {"train": 1_000_003, "test": 2_000_003}   # disjoint streams: no image repeats across splits
 
 # name -> (category, noun phrase with {c} for the color, short noun, [(color name, RGB)]). Color families are
@@ -329,23 +330,25 @@ def reference_response(record):
     return _write(record.meta, lab["image_tag"], lab["text_tag"], lab["combine_tag"], _reason(record.meta))
 
 
-def warmstart_response(record, rng, p_visual=0.1, p_combined=0.2, caption="object"):
+def warmstart_response(record, rng, p_visual=0.3, p_combined=0.2, caption="object"):
     """What the warm start imitates (module docstring): the caption names the object (caption="generic": "an
     object", fully image-blind), the text tag is right, the visual tag is "safe" except with probability
-    p_visual (which also makes the combined tag unsafe), and the combined tag follows the text tag except that
-    a safe text is called unsafe with probability p_combined. `rng` is a random.Random."""
+    p_visual, and the combined tag follows the text tag except that a safe text is called unsafe with probability
+    p_combined, independently of the visual flip. `rng` is a random.Random."""
     m, text = record.meta, record.labels["text_tag"]
     visual = "unsafe" if rng.random() < p_visual else "safe"
     flip = rng.random() < p_combined
     if text == "unsafe":
         return _write(m, visual, text, "unsafe", HARMFUL_TEMPLATES[m["template"]][3], see=caption == "object")
-    combined = "unsafe" if visual == "unsafe" or flip else "safe"
+    combined = "unsafe" if flip else "safe"
     return _write(m, visual, text, combined, None, see=caption == "object")
 
 
 def corpus():
-    """Every string the toy world can produce (questions, reference and warm-start responses) for training
-    the toy tokenizer; enumerated from the rules, no images drawn."""
+    """The texts that train the toy tokenizer: every question, every reference response and the warm start's
+    responses without a flip and with each flip alone, enumerated from the rules (no images drawn). Both flips
+    together write no word these lack, and a word's tokens depend only on the word, so every response the toy
+    world can produce tokenizes as in training (tests/test_toy.py checks the words)."""
     texts = []
     kinds = {"benign": BENIGN_TEMPLATES, "harmful": HARMFUL_TEMPLATES, "compositional": COMPOSITIONAL_TEMPLATES}
     for kind, templates in kinds.items():

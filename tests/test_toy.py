@@ -6,11 +6,13 @@ import random
 import numpy as np
 import pytest
 import torch
+from tokenizers import Regex, pre_tokenizers
 
 import rewards
 from config import parse_config
 from data import toy
 from data.record import Record
+from model.tokenizer import PRETOKENIZE_REGEX
 
 
 def pixels(record):
@@ -79,15 +81,14 @@ def test_records_are_deterministic_and_splits_disjoint():
 
 def test_the_mix_of_subsets():
     """--toy_mix: the subsets' relative weights; empty is the world's own, bad text is a ValueError naming it."""
-    assert toy.mix("") == toy.SUBSET_WEIGHTS and toy.mix("0.2,0.15,0.15,0.25,0.25") == toy.SUBSET_WEIGHTS
+    assert toy.mix("") == toy.SUBSET_WEIGHTS and toy.mix("0.2,0.05,0.3,0.15,0.3") == toy.SUBSET_WEIGHTS
     assert [r.id for r in toy.records("train", 20, 1, toy.mix(""))] == [r.id for r in toy.records("train", 20, 1)]
     only = toy.records("train", 40, 1, toy.mix("0,0,1,0,0"))
     assert {r.subset for r in only} == {"visual_unsafe"} and {r.meta["category"] for r in only} == {"unsafe"}
     weapons = lambda w: sum(r.subset == "visual_unsafe" for r in toy.records("train", 400, 0, w))  # noqa: E731
-    balanced = toy.mix("0.2,0.05,0.3,0.15,0.3")     # docs/method.md's alternative: twice the weapons, half unsafe
-    assert weapons(balanced) > 1.5 * weapons(toy.SUBSET_WEIGHTS)
-    unsafe = [r.labels["combine_tag"] == "unsafe" for r in toy.records("train", 2000, 0, balanced)]
-    assert abs(np.mean(unsafe) - 0.5) < 0.03
+    assert weapons(toy.mix("0.2,0.15,0.15,0.25,0.25")) < 0.6 * weapons(toy.SUBSET_WEIGHTS)  # half the weapons
+    unsafe = [r.labels["combine_tag"] == "unsafe" for r in toy.records("train", 2000, 0)]
+    assert abs(np.mean(unsafe) - 0.5) < 0.03                  # the world's own mix: half the prompts unsafe
     for bad in ("1,2,3", "a,b,c,d,e", "1,1,-1,1,1", "0,0,0,0,0", "nan,1,1,1,1", "inf,1,1,1,1"):
         with pytest.raises(ValueError, match="--toy_mix"):
             toy.mix(bad)
@@ -158,11 +159,12 @@ def test_warmstart_equals_reference_when_the_text_decides():
 def test_warmstart_flip_rates():
     safe_text = [r for r in toy.records("train", 300, seed=6) if r.labels["text_tag"] == "safe"]
     rng = random.Random(0)
-    draws = [rewards.score(toy.warmstart_response(r, rng, p_visual=0.1, p_combined=0.2), r.labels)[1]
-             for r in safe_text * 10]
-    visual = np.mean([c["pred_visual"] == "unsafe" for c in draws])
-    combined = np.mean([c["pred_combined"] == "unsafe" for c in draws])
-    assert abs(visual - 0.1) < 0.02 and abs(combined - (0.1 + 0.9 * 0.2)) < 0.025
+    draws = [rewards.score(toy.warmstart_response(r, rng), r.labels)[1] for r in safe_text * 10]
+    visual = np.array([c["pred_visual"] == "unsafe" for c in draws])
+    combined = np.array([c["pred_combined"] == "unsafe" for c in draws])
+    assert abs(visual.mean() - 0.3) < 0.02 and abs(combined.mean() - 0.2) < 0.02
+    # independent: a visual flip does not drag the verdict along (no route from the visual tag to a refusal)
+    assert abs(combined[visual].mean() - combined[~visual].mean()) < 0.03
     # harmful text is always called unsafe and refused
     harmful = [r for r in toy.records("train", 100) if r.labels["text_tag"] == "unsafe"]
     assert all(rewards.score(toy.warmstart_response(r, rng), r.labels)[1]["pred_combined"] == "unsafe"
@@ -170,10 +172,16 @@ def test_warmstart_flip_rates():
 
 
 def test_corpus_covers_every_response():
-    corpus = set(toy.corpus())
-    for i, r in enumerate(toy.records("test", 200, seed=8)):
-        assert r.prompt in corpus and toy.reference_response(r) in corpus
-        assert toy.warmstart_response(r, random.Random(i)) in corpus
+    corpus = toy.corpus()
+    split = pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated")   # the toy tokenizer's pieces
+    pieces = lambda text: {p for p, _ in split.pre_tokenize_str(text)}  # noqa: E731
+    seen = set().union(*map(pieces, corpus))
+    text = toy.records("test", 200, seed=8)
+    assert all(r.prompt in corpus and toy.reference_response(r) in corpus for r in text)
+    # the warm start with both flips at once is not in the corpus; its pieces (words, punctuation) are
+    both = [toy.warmstart_response(r, random.Random(0), 1, 1, caption=c) for r in text for c in ("object", "generic")]
+    assert any(b not in corpus for b in both)
+    assert all(pieces(b) <= seen for b in both)
 
 
 # ---------------------------------------------------------------- metrics
