@@ -172,7 +172,7 @@ def test_warmstart_flip_rates():
 
 
 def test_corpus_covers_every_response():
-    corpus = toy.corpus()
+    corpus = set(toy.corpus())
     split = pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated")   # the toy tokenizer's pieces
     pieces = lambda text: {p for p, _ in split.pre_tokenize_str(text)}  # noqa: E731
     seen = set().union(*map(pieces, corpus))
@@ -182,6 +182,7 @@ def test_corpus_covers_every_response():
     both = [toy.warmstart_response(r, random.Random(0), 1, 1, caption=c) for r in text for c in ("object", "generic")]
     assert any(b not in corpus for b in both)
     assert all(pieces(b) <= seen for b in both)
+    assert all(pieces(toy.warmstart_response(r, random.Random(i))) <= seen for i, r in enumerate(text))
 
 
 # ---------------------------------------------------------------- metrics
