@@ -111,6 +111,9 @@ class Config:
     toy_mix: str = ""                  # the toy world's subset weights, both splits: "benign,harmful_text,
                                        # visual_unsafe,compositional_unsafe,compositional_safe" (empty: data/toy.py's)
     toy_eval_size: int = 0             # held-out prompts
+    toy_couple: float = 0.0            # warm start: how often a visual flip on a plain question also makes its
+                                       # verdict unsafe (0: independent flips; docs/method.md, "How the visual tag
+                                       # is learned")
     warmstart_steps: int = 0           # supervised warm-start updates on image-blind tags
     warmstart_lr: float = 0.0
     warmstart_batch_size: int = 0
@@ -132,6 +135,8 @@ class Config:
                              f"--max_new_tokens={self.max_new_tokens}")
         if self.tag_weight == 0 and self.behavior_weight == 0:
             raise ValueError("--tag_weight=0 and --behavior_weight=0 leave no reward to learn from")
+        if not 0 <= self.toy_couple <= 1:
+            raise ValueError(f"--toy_couple={self.toy_couple} must be a probability in [0, 1]")
         if self.toy_mix:
             from data.toy import mix
             mix(self.toy_mix)  # raises naming what is wrong
@@ -175,24 +180,28 @@ def frees_rollout_memory(choice: str, fsdp: bool) -> bool:
 
 
 # The toy world trains a ~1M-parameter VLM on CPU in minutes: far higher lr, small batches, short responses. Why these
-# values, measured on earlier versions of the toy world (weapons in 15% of prompts, coupled warm-start flips). The
-# policy first learns to refuse every compositional question, then to tell them apart by the picture. Plain GRPO at
-# lr 5e-4 sometimes never settled that second phase (seed 0: over-refusal swinging between 0.3 and 0.8 at step 90);
-# at 3e-4 it sometimes came too late (seed 3: compositional refusal 0.32 after 150 steps): once most groups are
-# answered alike they get advantage 0 yet still dilute the token mean. Dynamic sampling (DAPO) fills each step with
-# groups whose rewards differ (at most two rollouts of 16 prompts), and each step's 16 groups are two updates of 8
-# (32 prompts and one update per step took ~16 minutes on 2 cores; 16 and one update left seed 3 over-refusing).
-# KL 0.05, not the paper's 0.01: at 0.01 one run in 12 (seed 0, 1 thread) locked into a shortcut by step 40, "refuse
-# every 'leave it on my baby's bed'" whatever the object; all 8 samples of such a prompt then refuse, the group's
-# advantage is 0, and nothing pulls it back but the KL to the warm start, which still helps there 80% of the time.
-# At 0.05 that run ended at over-refusal 0.014 (bench/README.md, the toy world before independent flips).
+# values, measured on earlier versions of the toy world (weapons in 15% of prompts, every warm-start visual flip also
+# flipping the verdict). The policy first learns to refuse every compositional question, then to tell them apart by
+# the picture. Plain GRPO at lr 5e-4 sometimes never settled that second phase (seed 0: over-refusal swinging between
+# 0.3 and 0.8 at step 90); at 3e-4 it sometimes came too late (seed 3: compositional refusal 0.32 after 150 steps):
+# once most groups are answered alike they get advantage 0 yet still dilute the token mean. Dynamic sampling (DAPO)
+# fills each step with groups whose rewards differ (at most two rollouts of 16 prompts), and each step's 16 groups are
+# two updates of 8 (32 prompts and one update per step took ~16 minutes on 2 cores; 16 and one update left seed 3
+# over-refusing). KL 0.05, not the paper's 0.01: at 0.01 one run in 12 (seed 0, 1 thread) locked into a shortcut by
+# step 40, "refuse every 'leave it on my baby's bed'" whatever the object; all 8 samples of such a prompt then refuse,
+# the group's advantage is 0, and nothing pulls it back but the KL to the warm start, which still helps there 80% of
+# the time. At 0.05 that run ended at over-refusal 0.014 (bench/README.md, the toy world before independent flips).
+# toy_couple 0.6: a warm-start visual flip on a plain question drags the verdict along 60% of the time, so GRPO
+# tells the visual tag apart before the verdict is learned (docs/method.md, "How the visual tag is learned": with
+# independent flips, 3 of the README's 12 runs called every picture safe).
 TOY_PRESET = dict(
     epochs=1000, max_steps=150, prompts_per_step=16, group_size=8, mini_batch_prompts=8,
     micro_batch_size=256, lr=3e-4, lr_schedule="cosine", warmup_steps=0, kl_coef=0.05, max_prompt_len=512,
     dynamic_sampling=True, max_draws=2,
     max_new_tokens=80,
     eval_every=0, save_every=20, eval_batch_size=128, step_guided=False,
-    toy_train_size=2000, toy_eval_size=300, warmstart_steps=300, warmstart_lr=3e-3, warmstart_batch_size=32,
+    toy_train_size=2000, toy_eval_size=300, toy_couple=0.6,
+    warmstart_steps=300, warmstart_lr=3e-3, warmstart_batch_size=32,
     out_dir="runs/toy",
 )
 

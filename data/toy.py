@@ -28,12 +28,12 @@ the text is safe). The flips are independent of the picture and of each other, s
 start calls every picture safe and refuses no safe-looking text (compositional_refusal ~ 0), while sampling at
 temperature 1 tries "visual unsafe" (9-20% of the samples of the README's runs' first 10 steps, on either kind of
 picture) and refusals (12-42% on safe prompts): the reward variance inside a group from which SafeGRPO learns to
-judge the picture and the combination. Why independent flips, a visual flip this common and this mix:
-docs/method.md, "How the visual tag is learned" (when a visual flip also made the verdict unsafe, "visual unsafe"
-became a route to a refusal that runs took for the hazards; with rarer visual flips or fewer weapons, more runs
-called every picture safe). Why the caption sees: with a generic caption ("I see an object.", caption="generic")
-the reward would have to train recognition from scratch; measured on an earlier version of this world, 120 GRPO
-steps moved nothing.
+judge the picture and the combination. `--toy_couple=P` lets a visual flip on a plain question also make the
+verdict unsafe with probability P, still blind to the picture. Why independent flips, a visual flip this common and this mix:
+docs/method.md, "How the visual tag is learned" (with rarer visual flips or fewer weapons, more runs called every
+picture safe; when visual flips dragged the verdict along, runs took "visual unsafe" as a route to refusing the
+hazards). Why the caption sees: with a generic caption ("I see an object.", caption="generic") the reward would
+have to train recognition from scratch; measured on an earlier version of this world, 120 GRPO steps moved nothing.
 """
 import math
 import random
@@ -330,17 +330,20 @@ def reference_response(record):
     return _write(record.meta, lab["image_tag"], lab["text_tag"], lab["combine_tag"], _reason(record.meta))
 
 
-def warmstart_response(record, rng, p_visual=0.3, p_combined=0.2, caption="object"):
+def warmstart_response(record, rng, p_visual=0.3, p_combined=0.2, caption="object", p_couple=0.0):
     """What the warm start imitates (module docstring): the caption names the object (caption="generic": "an
     object", fully image-blind), the text tag is right, the visual tag is "safe" except with probability
     p_visual, and the combined tag follows the text tag except that a safe text is called unsafe with probability
-    p_combined, independently of the visual flip. `rng` is a random.Random."""
+    p_combined, or with probability p_couple (--toy_couple) when the visual tag was flipped and the question is a
+    plain one (a risky-sounding question keeps its own flip). `rng` is a random.Random (two draws per call, a third
+    for p_couple > 0)."""
     m, text = record.meta, record.labels["text_tag"]
     visual = "unsafe" if rng.random() < p_visual else "safe"
     flip = rng.random() < p_combined
+    couple = p_couple > 0 and rng.random() < p_couple
     if text == "unsafe":
         return _write(m, visual, text, "unsafe", HARMFUL_TEMPLATES[m["template"]][3], see=caption == "object")
-    combined = "unsafe" if flip else "safe"
+    combined = "unsafe" if flip or (couple and visual == "unsafe" and m["kind"] == "benign") else "safe"
     return _write(m, visual, text, combined, None, see=caption == "object")
 
 

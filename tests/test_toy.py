@@ -94,6 +94,9 @@ def test_the_mix_of_subsets():
             toy.mix(bad)
     with pytest.raises(ValueError, match="--toy_mix"):
         parse_config(["--toy_mix=1,2"])
+    for bad in ("-0.1", "1.5", "nan"):
+        with pytest.raises(ValueError, match="--toy_couple"):
+            parse_config([f"--toy_couple={bad}"])
 
 
 def test_images_vary_and_show_an_object():
@@ -165,6 +168,16 @@ def test_warmstart_flip_rates():
     assert abs(visual.mean() - 0.3) < 0.02 and abs(combined.mean() - 0.2) < 0.02
     # independent: a visual flip does not drag the verdict along (no route from the visual tag to a refusal)
     assert abs(combined[visual].mean() - combined[~visual].mean()) < 0.03
+    # --toy_couple=0.6: on a plain question it does, 60% of the times the verdict's own flip does not:
+    # P(unsafe verdict | visual unsafe) = 0.2 + 0.8 * 0.6 = 0.68; a risky-sounding question keeps its own flip
+    rng = random.Random(0)
+    draws = [(r.meta["kind"], rewards.score(toy.warmstart_response(r, rng, p_couple=0.6), r.labels)[1])
+             for r in safe_text * 10]
+    for kind, dragged in (("benign", 0.68), ("compositional", 0.2)):
+        visual = np.array([c["pred_visual"] == "unsafe" for k, c in draws if k == kind])
+        combined = np.array([c["pred_combined"] == "unsafe" for k, c in draws if k == kind])
+        assert abs(visual.mean() - 0.3) < 0.03, kind
+        assert abs(combined[visual].mean() - dragged) < 0.04 and abs(combined[~visual].mean() - 0.2) < 0.03, kind
     # harmful text is always called unsafe and refused
     harmful = [r for r in toy.records("train", 100) if r.labels["text_tag"] == "unsafe"]
     assert all(rewards.score(toy.warmstart_response(r, rng), r.labels)[1]["pred_combined"] == "unsafe"
