@@ -191,17 +191,13 @@ def frees_rollout_memory(choice: str, fsdp: bool) -> bool:
 # step 40, "refuse every 'leave it on my baby's bed'" whatever the object; all 8 samples of such a prompt then refuse,
 # the group's advantage is 0, and nothing pulls it back but the KL to the warm start, which still helps there 80% of
 # the time. At 0.05 that run ended at over-refusal 0.014 (bench/README.md, the toy world before independent flips).
-# toy_couple 0.6: a warm-start visual flip on a plain question drags the verdict along 60% of the time, so GRPO
-# tells the visual tag apart before the verdict is learned (docs/method.md, "How the visual tag is learned": with
-# independent flips, 3 of the README's 12 runs called every picture safe).
 TOY_PRESET = dict(
     epochs=1000, max_steps=150, prompts_per_step=16, group_size=8, mini_batch_prompts=8,
     micro_batch_size=256, lr=3e-4, lr_schedule="cosine", warmup_steps=0, kl_coef=0.05, max_prompt_len=512,
     dynamic_sampling=True, max_draws=2,
     max_new_tokens=80,
     eval_every=0, save_every=20, eval_batch_size=128, step_guided=False,
-    toy_train_size=2000, toy_eval_size=300, toy_couple=0.6,
-    warmstart_steps=300, warmstart_lr=3e-3, warmstart_batch_size=32,
+    toy_train_size=2000, toy_eval_size=300, warmstart_steps=300, warmstart_lr=3e-3, warmstart_batch_size=32,
     out_dir="runs/toy",
 )
 
