@@ -29,11 +29,12 @@ start calls every picture safe and refuses no safe-looking text (compositional_r
 temperature 1 tries "visual unsafe" (9-20% of the samples of the README's runs' first 10 steps, on either kind of
 picture) and refusals (12-42% on safe prompts): the reward variance inside a group from which SafeGRPO learns to
 judge the picture and the combination. `--toy_couple=P` lets a visual flip on a plain question also make the
-verdict unsafe with probability P, still blind to the picture. Why independent flips, a visual flip this common and this mix:
-docs/method.md, "How the visual tag is learned" (with rarer visual flips or fewer weapons, more runs called every
-picture safe; when visual flips dragged the verdict along, runs took "visual unsafe" as a route to refusing the
-hazards). Why the caption sees: with a generic caption ("I see an object.", caption="generic") the reward would
-have to train recognition from scratch; measured on an earlier version of this world, 120 GRPO steps moved nothing.
+verdict unsafe with probability P, still blind to the picture. Why independent flips, a visual flip this common
+and this mix: docs/method.md, "How the visual tag is learned" (with rarer visual flips or fewer weapons, more runs
+called every picture safe; when visual flips dragged the verdict along, runs took "visual unsafe" as a route to
+refusing the hazards). Why the caption sees: with a generic caption ("I see an object.", caption="generic") the
+reward would have to train recognition from scratch; measured on an earlier version of this world, 120 GRPO steps
+moved nothing.
 """
 import math
 import random
