@@ -114,6 +114,8 @@ class Config:
     toy_couple: float = 0.0            # warm start: how often a visual flip on a plain question also makes its
                                        # verdict unsafe (0: independent flips; docs/method.md, "How the visual tag
                                        # is learned")
+    toy_risky_visual: float = 0.3      # warm start: how often a risky-sounding question's visual tag is flipped to
+                                       # unsafe (a plain question's: 30%)
     warmstart_steps: int = 0           # supervised warm-start updates on image-blind tags
     warmstart_lr: float = 0.0
     warmstart_batch_size: int = 0
@@ -137,6 +139,8 @@ class Config:
             raise ValueError("--tag_weight=0 and --behavior_weight=0 leave no reward to learn from")
         if not 0 <= self.toy_couple <= 1:
             raise ValueError(f"--toy_couple={self.toy_couple} must be a probability in [0, 1]")
+        if not 0 <= self.toy_risky_visual <= 1:
+            raise ValueError(f"--toy_risky_visual={self.toy_risky_visual} must be a probability in [0, 1]")
         if self.toy_mix:
             from data.toy import mix
             mix(self.toy_mix)  # raises naming what is wrong

@@ -23,18 +23,20 @@ facts the model has already written. `reference_response` is always right (rewar
 
 The warm start (`warmstart_response`) imitates a base model that sees but judges safety from the text alone:
 its caption names the object, its text tag is right, its visual tag is "safe" (flipped to "unsafe" with
-probability p_visual), and its verdict follows the text tag (flipped to unsafe with probability p_combined when
-the text is safe). The flips are independent of the picture and of each other, so greedy decoding after the warm
-start calls every picture safe and refuses no safe-looking text (compositional_refusal ~ 0), while sampling at
-temperature 1 tries "visual unsafe" (9-20% of the samples of the README's runs' first 10 steps, on either kind of
-picture) and refusals (12-42% on safe prompts): the reward variance inside a group from which SafeGRPO learns to
-judge the picture and the combination. `--toy_couple=P` lets a visual flip on a plain question also make the
-verdict unsafe with probability P, still blind to the picture. Why independent flips, a visual flip this common
-and this mix: docs/method.md, "How the visual tag is learned" (with rarer visual flips or fewer weapons, more runs
-called every picture safe; when visual flips dragged the verdict along, runs took "visual unsafe" as a route to
-refusing the hazards). Why the caption sees: with a generic caption ("I see an object.", caption="generic") the
-reward would have to train recognition from scratch; measured on an earlier version of this world, 120 GRPO steps
-moved nothing.
+probability p_visual, or p_visual_risky after a risky-sounding question), and its verdict follows the text tag
+(flipped to unsafe with probability p_combined when the text is safe). The flips are independent of the picture
+and of each other, so greedy decoding after the warm start calls every picture safe and refuses no safe-looking
+text (compositional_refusal ~ 0), while sampling at temperature 1 tries "visual unsafe" (9-20% of the samples of
+the README's runs' first 10 steps, on either kind of picture) and refusals (12-42% on safe prompts): the reward
+variance inside a group from which SafeGRPO learns to judge the picture and the combination. `--toy_couple=P` lets
+a visual flip on a plain question also make the verdict unsafe with probability P, and `--toy_risky_visual` sets
+the visual flip after a risky-sounding question (default: the plain questions' 30%), both still blind to the
+picture. Why independent flips, a visual flip this common and this mix: docs/method.md, "How the visual tag is
+learned" (with rarer visual flips or fewer weapons, more runs called every picture safe; when visual flips dragged
+the verdict along, runs took "visual unsafe" as a route to refusing the hazards; the candidate that met every bar
+on the runs made so far couples the verdict on plain questions and flips the visual tag less after risky ones).
+Why the caption sees: with a generic caption ("I see an object.", caption="generic") the reward would have to
+train recognition from scratch; measured on an earlier version of this world, 120 GRPO steps moved nothing.
 """
 import math
 import random
@@ -331,15 +333,18 @@ def reference_response(record):
     return _write(record.meta, lab["image_tag"], lab["text_tag"], lab["combine_tag"], _reason(record.meta))
 
 
-def warmstart_response(record, rng, p_visual=0.3, p_combined=0.2, caption="object", p_couple=0.0):
+def warmstart_response(record, rng, p_visual=0.3, p_combined=0.2, caption="object", p_couple=0.0,
+                       p_visual_risky=None):
     """What the warm start imitates (module docstring): the caption names the object (caption="generic": "an
     object", fully image-blind), the text tag is right, the visual tag is "safe" except with probability
-    p_visual, and the combined tag follows the text tag except that a safe text is called unsafe with probability
-    p_combined, or with probability p_couple (--toy_couple) when the visual tag was flipped and the question is a
-    plain one (a risky-sounding question keeps its own flip). `rng` is a random.Random (two draws per call, a third
-    for p_couple > 0)."""
+    p_visual (p_visual_risky after a risky-sounding question, --toy_risky_visual; None: p_visual too), and the
+    combined tag follows the text tag except that a safe text is called unsafe with probability p_combined, or
+    with probability p_couple (--toy_couple) when the visual tag was flipped and the question is a plain one (a
+    risky-sounding question keeps its own flip). `rng` is a random.Random (two draws per call, a third for
+    p_couple > 0)."""
     m, text = record.meta, record.labels["text_tag"]
-    visual = "unsafe" if rng.random() < p_visual else "safe"
+    risky = m["kind"] == "compositional" and p_visual_risky is not None
+    visual = "unsafe" if rng.random() < (p_visual_risky if risky else p_visual) else "safe"
     flip = rng.random() < p_combined
     couple = p_couple > 0 and rng.random() < p_couple
     if text == "unsafe":

@@ -114,7 +114,8 @@ def prepare_toy_model(cfg, rank: int, device) -> str:
             toy.build_checkpoint(init_dir, seed=cfg.seed)
         net, processor = vlm.load(init_dir, device=device, dtype=torch.float32), vlm.load_processor(init_dir)
         rng = random.Random(cfg.seed)
-        examples = [(r, toy.warmstart_response(r, rng, p_couple=cfg.toy_couple))
+        examples = [(r, toy.warmstart_response(r, rng, p_couple=cfg.toy_couple,
+                                               p_visual_risky=cfg.toy_risky_visual))
                     for r in toy.records(cfg.train_split, cfg.toy_train_size, cfg.seed, toy.mix(cfg.toy_mix))]
         t0 = time.time()
         warm_start(net, processor, examples, steps=cfg.warmstart_steps, lr=cfg.warmstart_lr,

@@ -94,9 +94,10 @@ def test_the_mix_of_subsets():
             toy.mix(bad)
     with pytest.raises(ValueError, match="--toy_mix"):
         parse_config(["--toy_mix=1,2"])
-    for bad in ("-0.1", "1.5", "nan"):
-        with pytest.raises(ValueError, match="--toy_couple"):
-            parse_config([f"--toy_couple={bad}"])
+    for flag in ("toy_couple", "toy_risky_visual"):
+        for bad in ("-0.1", "1.5", "nan"):
+            with pytest.raises(ValueError, match=f"--{flag}"):
+                parse_config([f"--{flag}={bad}"])
 
 
 def test_images_vary_and_show_an_object():
@@ -161,23 +162,31 @@ def test_warmstart_equals_reference_when_the_text_decides():
 
 def test_warmstart_flip_rates():
     safe_text = [r for r in toy.records("train", 300, seed=6) if r.labels["text_tag"] == "safe"]
+
+    def rates(**kw):
+        """{kind: (P(visual unsafe), P(unsafe verdict | visual unsafe), P(unsafe verdict | visual safe))}"""
+        rng = random.Random(0)
+        draws = [(r.meta["kind"], rewards.score(toy.warmstart_response(r, rng, **kw), r.labels)[1])
+                 for r in safe_text * 10]
+        out = {}
+        for kind in ("benign", "compositional"):
+            visual = np.array([c["pred_visual"] == "unsafe" for k, c in draws if k == kind])
+            combined = np.array([c["pred_combined"] == "unsafe" for k, c in draws if k == kind])
+            out[kind] = visual.mean(), combined[visual].mean(), combined[~visual].mean()
+        return out
+
+    # independent flips: a visual flip (30% on every question) does not drag the verdict (20%) along
+    for kind, (visual, dragged, alone) in rates().items():
+        assert abs(visual - 0.3) < 0.03 and abs(dragged - 0.2) < 0.04 and abs(alone - 0.2) < 0.03, kind
+    # --toy_couple=P --toy_risky_visual=0.1 (the candidate: P = 1): on a plain question the visual flip makes the
+    # verdict unsafe too; a risky-sounding question flips the visual tag less, and its verdict keeps its own flip
+    # (with P = 0.6: P(unsafe verdict | visual unsafe) = 0.2 + 0.8 * 0.6 = 0.68 on a plain question)
+    for p_couple in (0.6, 1.0):
+        got = rates(p_couple=p_couple, p_visual_risky=0.1)
+        for kind, flip, dragged in (("benign", 0.3, 0.2 + 0.8 * p_couple), ("compositional", 0.1, 0.2)):
+            visual, drag, alone = got[kind]
+            assert abs(visual - flip) < 0.03 and abs(drag - dragged) < 0.06 and abs(alone - 0.2) < 0.03, kind
     rng = random.Random(0)
-    draws = [rewards.score(toy.warmstart_response(r, rng), r.labels)[1] for r in safe_text * 10]
-    visual = np.array([c["pred_visual"] == "unsafe" for c in draws])
-    combined = np.array([c["pred_combined"] == "unsafe" for c in draws])
-    assert abs(visual.mean() - 0.3) < 0.02 and abs(combined.mean() - 0.2) < 0.02
-    # independent: a visual flip does not drag the verdict along (no route from the visual tag to a refusal)
-    assert abs(combined[visual].mean() - combined[~visual].mean()) < 0.03
-    # --toy_couple=0.6: on a plain question it does, 60% of the times the verdict's own flip does not:
-    # P(unsafe verdict | visual unsafe) = 0.2 + 0.8 * 0.6 = 0.68; a risky-sounding question keeps its own flip
-    rng = random.Random(0)
-    draws = [(r.meta["kind"], rewards.score(toy.warmstart_response(r, rng, p_couple=0.6), r.labels)[1])
-             for r in safe_text * 10]
-    for kind, dragged in (("benign", 0.68), ("compositional", 0.2)):
-        visual = np.array([c["pred_visual"] == "unsafe" for k, c in draws if k == kind])
-        combined = np.array([c["pred_combined"] == "unsafe" for k, c in draws if k == kind])
-        assert abs(visual.mean() - 0.3) < 0.03, kind
-        assert abs(combined[visual].mean() - dragged) < 0.04 and abs(combined[~visual].mean() - 0.2) < 0.03, kind
     # harmful text is always called unsafe and refused
     harmful = [r for r in toy.records("train", 100) if r.labels["text_tag"] == "unsafe"]
     assert all(rewards.score(toy.warmstart_response(r, rng), r.labels)[1]["pred_combined"] == "unsafe"
@@ -196,6 +205,8 @@ def test_corpus_covers_every_response():
     assert any(b not in corpus for b in both)
     assert all(pieces(b) <= seen for b in both)
     assert all(pieces(toy.warmstart_response(r, random.Random(i))) <= seen for i, r in enumerate(text))
+    assert all(pieces(toy.warmstart_response(r, random.Random(i), p_couple=1, p_visual_risky=0.1)) <= seen
+               for i, r in enumerate(text))
 
 
 # ---------------------------------------------------------------- metrics

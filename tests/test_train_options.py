@@ -34,7 +34,7 @@ def metrics(out_dir):
     ["--tis_cap=2", "--old_logprobs=recompute"], ["--adv_estimator=rloo", "--adv_scale=none"], ["--adv_scale=batch"],
     ["--loss_agg=token-mean-micro"], ["--drop_last=false"], ["--dtype=bf16"],
     ["--lora_rank=4", "--lora_targets=q,v,down"], ["--freeze_vision=true"], ["--micro_batch_tokens=200"],
-    ["--toy_mix=0,0,1,1,0", "--toy_couple=0.5"],
+    ["--toy_mix=0,0,1,1,0", "--toy_couple=0.5", "--toy_risky_visual=0.2"],
 ], ids=lambda f: " ".join(f))
 def test_each_option_runs_to_finite_metrics(tmp_path, flags):
     out = str(tmp_path / "run")
