@@ -111,11 +111,12 @@ class Config:
     toy_mix: str = ""                  # the toy world's subset weights, both splits: "benign,harmful_text,
                                        # visual_unsafe,compositional_unsafe,compositional_safe" (empty: data/toy.py's)
     toy_eval_size: int = 0             # held-out prompts
-    toy_couple: float = 0.0            # warm start: how often a visual flip on a plain question also makes its
-                                       # verdict unsafe (0: independent flips; docs/method.md, "How the visual tag
-                                       # is learned")
-    toy_risky_visual: float = 0.3      # warm start: how often a risky-sounding question's visual tag is flipped to
-                                       # unsafe (a plain question's: 30%)
+    toy_couple: float = 1.0            # warm start: how often a visual flip on a plain question also makes its
+                                       # verdict unsafe (0: independent flips; with fewer, some seeds call every
+                                       # picture safe: docs/method.md, "How the visual tag is learned")
+    toy_risky_visual: float = 0.1      # warm start: how often a risky-sounding question's visual tag is flipped to
+                                       # unsafe (a plain question's: 30%; at 30% too, "visual unsafe" becomes a
+                                       # route to refusing the hazards)
     warmstart_steps: int = 0           # supervised warm-start updates on image-blind tags
     warmstart_lr: float = 0.0
     warmstart_batch_size: int = 0

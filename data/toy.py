@@ -23,18 +23,16 @@ facts the model has already written. `reference_response` is always right (rewar
 
 The warm start (`warmstart_response`) imitates a base model that sees but judges safety from the text alone:
 its caption names the object, its text tag is right, its visual tag is "safe" (flipped to "unsafe" with
-probability p_visual, or p_visual_risky after a risky-sounding question), and its verdict follows the text tag
-(flipped to unsafe with probability p_combined when the text is safe). The flips are independent of the picture
-and of each other, so greedy decoding after the warm start calls every picture safe and refuses no safe-looking
-text (compositional_refusal ~ 0), while sampling at temperature 1 tries "visual unsafe" (9-20% of the samples of
-the README's runs' first 10 steps, on either kind of picture) and refusals (12-42% on safe prompts): the reward
-variance inside a group from which SafeGRPO learns to judge the picture and the combination. `--toy_couple=P` lets
-a visual flip on a plain question also make the verdict unsafe with probability P, and `--toy_risky_visual` sets
-the visual flip after a risky-sounding question (default: the plain questions' 30%), both still blind to the
-picture. Why independent flips, a visual flip this common and this mix: docs/method.md, "How the visual tag is
-learned" (with rarer visual flips or fewer weapons, more runs called every picture safe; when visual flips dragged
-the verdict along, runs took "visual unsafe" as a route to refusing the hazards; the candidate that met every bar
-on the runs made so far couples the verdict on plain questions and flips the visual tag less after risky ones).
+probability p_visual = 0.3 after a plain question, p_visual_risky = 0.1 after a risky-sounding one,
+--toy_risky_visual), and its verdict follows the text tag (flipped to unsafe with probability p_combined = 0.2 when
+the text is safe); on a plain question a visual flip also makes the verdict unsafe (p_couple = 1, --toy_couple).
+Every flip is blind to the picture, so greedy decoding after the warm start calls every picture safe and refuses no
+safe-looking text (compositional_refusal ~ 0), while sampling at temperature 1 tries "visual unsafe" (9-28% of the
+samples on weapons and 5-24% on safe pictures in the README's runs' first 10 steps) and refusals (23-56% on safe
+prompts): the reward variance inside a group from which SafeGRPO learns to judge the picture and the combination.
+Why these flips and this mix: docs/method.md, "How the visual tag is learned" (with independent flips, rarer visual
+flips or fewer weapons, some runs called every picture safe; when risky questions' visual flips dragged the verdict
+along too, runs took "visual unsafe" as a route to refusing the hazards).
 Why the caption sees: with a generic caption ("I see an object.", caption="generic") the reward would have to
 train recognition from scratch; measured on an earlier version of this world, 120 GRPO steps moved nothing.
 """
@@ -56,10 +54,11 @@ TOY_TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num
                 max_position_embeddings=1024)
 TOY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, deepstack_visual_indexes=(0,))
 SUBSETS = ("benign", "harmful_text", "visual_unsafe", "compositional_unsafe", "compositional_safe")
-# The mix of subsets (benign, harmful_text, visual_unsafe, compositional unsafe / safe): half the prompts unsafe,
-# weapons in 30% and the hazards of risky questions in 15%. Fewer weapons (15%) and the visual tag follows the
-# majority (every picture called safe); more unsafe prompts and a run may refuse blindly first (docs/method.md).
-SUBSET_WEIGHTS = (0.2, 0.05, 0.3, 0.15, 0.3)
+# The mix of subsets (benign, harmful_text, visual_unsafe, compositional unsafe / safe): 55% of the prompts unsafe,
+# weapons in 30% and the hazards of risky questions in 20%. Fewer weapons (15%) and the visual tag follows the
+# majority (every picture called safe); hazards in 15% and one measured run stopped refusing them once the verdict
+# followed the visual tag; more unsafe prompts and a run may refuse blindly first (docs/method.md).
+SUBSET_WEIGHTS = (0.2, 0.05, 0.3, 0.2, 0.25)
 SPLIT_SEEDS = {"train": 1_000_003, "test": 2_000_003}   # disjoint streams: no image repeats across splits
 
 # name -> (category, noun phrase with {c} for the color, short noun, [(color name, RGB)]). Color families are

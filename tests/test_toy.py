@@ -81,14 +81,14 @@ def test_records_are_deterministic_and_splits_disjoint():
 
 def test_the_mix_of_subsets():
     """--toy_mix: the subsets' relative weights; empty is the world's own, bad text is a ValueError naming it."""
-    assert toy.mix("") == toy.SUBSET_WEIGHTS and toy.mix("0.2,0.05,0.3,0.15,0.3") == toy.SUBSET_WEIGHTS
+    assert toy.mix("") == toy.SUBSET_WEIGHTS and toy.mix("0.2,0.05,0.3,0.2,0.25") == toy.SUBSET_WEIGHTS
     assert [r.id for r in toy.records("train", 20, 1, toy.mix(""))] == [r.id for r in toy.records("train", 20, 1)]
     only = toy.records("train", 40, 1, toy.mix("0,0,1,0,0"))
     assert {r.subset for r in only} == {"visual_unsafe"} and {r.meta["category"] for r in only} == {"unsafe"}
     weapons = lambda w: sum(r.subset == "visual_unsafe" for r in toy.records("train", 400, 0, w))  # noqa: E731
     assert weapons(toy.mix("0.2,0.15,0.15,0.25,0.25")) < 0.6 * weapons(toy.SUBSET_WEIGHTS)  # half the weapons
     unsafe = [r.labels["combine_tag"] == "unsafe" for r in toy.records("train", 2000, 0)]
-    assert abs(np.mean(unsafe) - 0.5) < 0.03                  # the world's own mix: half the prompts unsafe
+    assert abs(np.mean(unsafe) - 0.55) < 0.03                 # the world's own mix: 55% of the prompts unsafe
     for bad in ("1,2,3", "a,b,c,d,e", "1,1,-1,1,1", "0,0,0,0,0", "nan,1,1,1,1", "inf,1,1,1,1"):
         with pytest.raises(ValueError, match="--toy_mix"):
             toy.mix(bad)
