@@ -178,7 +178,7 @@ def test_warmstart_flip_rates():
     # independent flips: a visual flip (30% on every question) does not drag the verdict (20%) along
     for kind, (visual, dragged, alone) in rates().items():
         assert abs(visual - 0.3) < 0.03 and abs(dragged - 0.2) < 0.04 and abs(alone - 0.2) < 0.03, kind
-    # --toy_couple=P --toy_risky_visual=0.1 (the candidate: P = 1): on a plain question the visual flip makes the
+    # --toy_couple=P --toy_risky_visual=0.1 (the default: P = 1): on a plain question the visual flip makes the
     # verdict unsafe too; a risky-sounding question flips the visual tag less, and its verdict keeps its own flip
     # (with P = 0.6: P(unsafe verdict | visual unsafe) = 0.2 + 0.8 * 0.6 = 0.68 on a plain question)
     for p_couple in (0.6, 1.0):
