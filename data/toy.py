@@ -26,6 +26,8 @@ its caption names the object, its text tag is right, its visual tag is "safe" (f
 probability p_visual = 0.3 after a plain question, p_visual_risky = 0.1 after a risky-sounding one,
 --toy_risky_visual), and its verdict follows the text tag (flipped to unsafe with probability p_combined = 0.2 when
 the text is safe); on a plain question a visual flip also makes the verdict unsafe (p_couple = 1, --toy_couple).
+These are the flags' defaults; `warmstart_response`'s own keyword defaults are independent flips (p_couple = 0,
+p_visual_risky = p_visual), which `corpus` enumerates.
 Every flip is blind to the picture, so greedy decoding after the warm start calls every picture safe and refuses no
 safe-looking text (compositional_refusal ~ 0), while sampling at temperature 1 tries "visual unsafe" (9-28% of the
 samples on weapons and 5-24% on safe pictures in the README's runs' first 10 steps) and refusals (23-56% on safe
